@@ -1,0 +1,44 @@
+"""deepexit_jax: early-exit language models in JAX/Flax.
+
+Deep-supervision Transformers whose every layer has logits through one shared
+exit head, an early-exit engine with exact compute accounting, threshold sweeps,
+saturation probes and real early-exit decoding.
+"""
+
+from deepexit_jax.checkpoint import load_checkpoint, load_model, save_model
+from deepexit_jax.config import ExperimentConfig, TrainConfig
+from deepexit_jax.data import DataConfig, load_corpus, prepare_dataset
+from deepexit_jax.errors import UserError
+from deepexit_jax.losses import deep_supervision_loss, resolve_loss_weights
+from deepexit_jax.model import (
+    DeepSupervisionTransformer,
+    ModelConfig,
+    ModelOutput,
+    all_layer_logits,
+    create_model,
+)
+from deepexit_jax.tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer
+from deepexit_jax.train import train
+
+__all__ = [
+    "ByteTokenizer",
+    "CharTokenizer",
+    "DataConfig",
+    "DeepSupervisionTransformer",
+    "ExperimentConfig",
+    "ModelConfig",
+    "ModelOutput",
+    "TrainConfig",
+    "UserError",
+    "all_layer_logits",
+    "create_model",
+    "deep_supervision_loss",
+    "load_checkpoint",
+    "load_corpus",
+    "load_model",
+    "load_tokenizer",
+    "prepare_dataset",
+    "resolve_loss_weights",
+    "save_model",
+    "train",
+]

@@ -1,0 +1,194 @@
+"""Checkpoints: orbax CheckpointManager directories for models and training state.
+
+A model directory (what `save_model` writes, and what `deepexit-train --workdir`
+holds) looks like:
+
+  model.json       the ModelConfig
+  tokenizer.json   the tokenizer the model was trained with (if given)
+  config.json      the full experiment config (training runs only)
+  best/<step>/     orbax: parameters of the best model, with its metrics
+  latest/<step>/   orbax: parameters + optimizer state + step, for --resume
+
+Orbax writes each step to a temporary directory and renames it when complete,
+so a killed run leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from deepexit_jax import tokenizers
+from deepexit_jax.errors import UserError
+from deepexit_jax.model import DeepSupervisionTransformer, ModelConfig, create_model
+
+MODEL_JSON = "model.json"
+TOKENIZER_JSON = "tokenizer.json"
+CONFIG_JSON = "config.json"
+BEST = "best"
+LATEST = "latest"
+
+
+def manager(path: str) -> ocp.CheckpointManager:
+  """A synchronous manager keeping one step (the newest saved) under `path`."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=1, create=True, enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(path), options=options)
+
+
+def ensure_writable(directory: str) -> None:
+  """Creates `directory` or raises a one-line UserError saying why it cannot."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(
+        f"cannot write to directory {directory} ({e.strerror}): choose a writable --workdir/--out"
+    ) from None
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically (temporary file + rename), so a kill never leaves half a file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def pure_params(model: nnx.Module) -> dict:
+  """The model's parameters as a plain nested dict of arrays (what orbax stores)."""
+  return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def write_model_config(directory: str, config: ModelConfig) -> None:
+  """Writes model.json, refusing to overwrite one that describes another model."""
+  path = os.path.join(directory, MODEL_JSON)
+  if os.path.exists(path):
+    old = read_json(path)
+    if old != config.to_dict():
+      diff = {k: (old.get(k), v) for k, v in config.to_dict().items() if old.get(k) != v}
+      raise UserError(
+          f"{directory} already holds a checkpoint of a different model {diff} "
+          "(stored, new): use a new directory or the same model config")
+    return
+  write_json(path, config.to_dict())
+
+
+def save_model(model: DeepSupervisionTransformer, directory: str, *,
+               tokenizer: tokenizers.Tokenizer | None = None, step: int = 0,
+               metrics: dict[str, Any] | None = None) -> str:
+  """Saves a model's config and parameters (and tokenizer) to `directory`.
+
+  Args:
+    model: the model to save.
+    directory: created if needed; the parameters go to `directory/best/<step>`,
+      replacing an older step there.
+    tokenizer: saved as tokenizer.json so sweeps and probes decode the same way.
+    step: training step the parameters belong to.
+    metrics: JSON-serialisable metrics stored with the parameters.
+
+  Returns:
+    The directory.
+  """
+  ensure_writable(directory)
+  write_model_config(directory, model.config)
+  if tokenizer is not None:
+    tokenizers.save_tokenizer(tokenizer, os.path.join(directory, TOKENIZER_JSON))
+  with manager(os.path.join(directory, BEST)) as mgr:
+    mgr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(pure_params(model)),
+        meta=ocp.args.JsonSave({"step": step, "metrics": metrics or {}})), force=True)
+  return directory
+
+
+def read_model_config(directory: str) -> ModelConfig:
+  path = os.path.join(directory, MODEL_JSON)
+  if not os.path.exists(path):
+    raise UserError(
+        f"{directory} is not a deepexit checkpoint (no {MODEL_JSON}): pass the --workdir of a "
+        "deepexit-train run or a directory written by save_model")
+  return ModelConfig(**read_json(path))
+
+
+def abstract_model(config: ModelConfig) -> DeepSupervisionTransformer:
+  """The model's structure with shape-only parameters (no initialisation cost)."""
+  return nnx.eval_shape(lambda: create_model(config))
+
+
+def restore_params(mgr: ocp.CheckpointManager, step: int, target: Any, what: str,
+                   **extra: ocp.args.CheckpointArgs) -> ocp.args.Composite:
+  """Restores `params` (shaped like `target`) plus `extra` items of one step.
+
+  Raises:
+    UserError: the stored arrays do not have the shapes `target` expects (a
+      checkpoint of another model config).
+  """
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  try:
+    return mgr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract), **extra))
+  except (ValueError, KeyError) as e:
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    raise UserError(
+        f"{what} does not match its model config ({first}): the checkpoint belongs to "
+        "another model; use the directory it was trained in") from None
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  """A loaded model with what was stored beside it."""
+
+  model: DeepSupervisionTransformer
+  tokenizer: tokenizers.Tokenizer | None
+  step: int
+  metrics: dict[str, Any]
+  experiment: dict[str, Any] | None
+  path: str
+
+
+def load_checkpoint(directory: str) -> Checkpoint:
+  """Loads the best saved parameters of `directory`, with tokenizer and metadata."""
+  config = read_model_config(directory)
+  best_dir = os.path.join(directory, BEST)
+  if not os.path.isdir(best_dir):
+    raise UserError(f"{directory} has {MODEL_JSON} but no saved parameters in {BEST}/: "
+                    "the run was stopped before its first evaluation; train it longer")
+  model = abstract_model(config)
+  graphdef, state = nnx.split(model)
+  with manager(best_dir) as mgr:
+    step = mgr.latest_step()
+    if step is None:
+      raise UserError(f"{best_dir} holds no complete checkpoint: train the model again")
+    restored = restore_params(mgr, step, state.to_pure_dict(), best_dir,
+                              meta=ocp.args.JsonRestore())
+  nnx.replace_by_pure_dict(state, restored.params)
+  tok_path = os.path.join(directory, TOKENIZER_JSON)
+  cfg_path = os.path.join(directory, CONFIG_JSON)
+  return Checkpoint(
+      model=nnx.merge(graphdef, state),
+      tokenizer=tokenizers.load_tokenizer(tok_path) if os.path.exists(tok_path) else None,
+      step=int(restored.meta["step"]),
+      metrics=restored.meta.get("metrics", {}),
+      experiment=read_json(cfg_path) if os.path.exists(cfg_path) else None,
+      path=os.path.abspath(directory),
+  )
+
+
+def load_model(directory: str) -> DeepSupervisionTransformer:
+  """Loads the best saved model of a checkpoint directory (see `save_model`)."""
+  return load_checkpoint(directory).model

@@ -1,0 +1,174 @@
+"""Experiment configuration: the one place a ConfigDict becomes validated dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from deepexit_jax.data import DataConfig
+from deepexit_jax.errors import UserError
+from deepexit_jax.losses import resolve_loss_weights
+from deepexit_jax.model import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation and bookkeeping of one training run.
+
+  Attributes:
+    epochs: passes over the training text (an epoch = every non-overlapping
+      window once, in a seeded random order).
+    max_steps: if set, stop after this many steps instead (overrides epochs).
+    learning_rate: peak AdamW learning rate.
+    min_lr_ratio: the cosine schedule ends at learning_rate * min_lr_ratio.
+    warmup_steps: linear warm-up steps from 0.
+    weight_decay: AdamW decoupled weight decay (matrices only).
+    grad_clip: global gradient-norm clip; 0 disables.
+    b1, b2: Adam moments.
+    seed: seeds parameters, data order and dropout.
+    eval_every: evaluate on the validation text every this many steps; 0 means
+      once per epoch (and always at the end).
+    log_every: print a progress line every this many steps.
+  """
+
+  epochs: int = 1
+  max_steps: int | None = None
+  learning_rate: float = 3e-3
+  min_lr_ratio: float = 0.1
+  warmup_steps: int = 50
+  weight_decay: float = 0.01
+  grad_clip: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.98
+  seed: int = 0
+  eval_every: int = 0
+  log_every: int = 50
+
+  def __post_init__(self):
+    _check_int("train.epochs", self.epochs, 1)
+    if self.max_steps is not None:
+      _check_int("train.max_steps", self.max_steps, 1)
+    _check_int("train.warmup_steps", self.warmup_steps, 0)
+    _check_int("train.eval_every", self.eval_every, 0)
+    _check_int("train.log_every", self.log_every, 1)
+    _check_int("train.seed", self.seed, 0)
+    _check_float("train.learning_rate", self.learning_rate, 0.0, math.inf, low_open=True)
+    _check_float("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+    _check_float("train.weight_decay", self.weight_decay, 0.0, math.inf)
+    _check_float("train.grad_clip", self.grad_clip, 0.0, math.inf)
+    _check_float("train.b1", self.b1, 0.0, 1.0)
+    _check_float("train.b2", self.b2, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Everything one training run needs.
+
+  Attributes:
+    model: the architecture; `vocab_size` is filled in from the tokenizer
+      (`with_vocab_size`) once the data is loaded.
+    data: corpus, tokenizer and batching.
+    loss_weights: deep-supervision weights (see `losses.resolve_loss_weights`).
+    exit_layers: 1-based layers at which tokens may exit (for sweeps).
+    train: optimisation.
+  """
+
+  model: ModelConfig
+  data: DataConfig
+  loss_weights: str
+  exit_layers: tuple[int, ...]
+  train: TrainConfig
+
+  def __post_init__(self):
+    n = self.model.num_layers
+    resolve_loss_weights(self.loss_weights, n)
+    if not self.exit_layers or list(self.exit_layers) != sorted(set(self.exit_layers)):
+      raise UserError(
+          f"exit_layers={self.exit_layers} must be a non-empty strictly ascending list")
+    if not all(1 <= e <= n for e in self.exit_layers):
+      raise UserError(
+          f"exit_layers={self.exit_layers} lie outside the model's layers 1..{n}: "
+          "fix exit_layers or model.num_layers")
+    if self.data.seq_len > self.model.max_len:
+      raise UserError(
+          f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}: "
+          "raise model.max_len or shorten data.seq_len")
+
+  def with_vocab_size(self, vocab_size: int) -> ExperimentConfig:
+    return dataclasses.replace(
+        self, model=dataclasses.replace(self.model, vocab_size=vocab_size))
+
+  def to_dict(self) -> dict[str, Any]:
+    return {
+        "model": dataclasses.asdict(self.model),
+        "data": dataclasses.asdict(self.data),
+        "loss_weights": self.loss_weights,
+        "exit_layers": list(self.exit_layers),
+        "train": dataclasses.asdict(self.train),
+    }
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any] | ml_collections.ConfigDict) -> ExperimentConfig:
+    """Validates a (Config)dict with keys model, data, loss_weights, exit_layers, train."""
+    if isinstance(d, ml_collections.ConfigDict):
+      d = d.to_dict()
+    d = dict(d)
+    unknown = set(d) - {"model", "data", "loss_weights", "exit_layers", "train"}
+    if unknown:
+      raise UserError(f"unknown config section(s) {sorted(unknown)}: "
+                      "allowed are model, data, loss_weights, exit_layers, train")
+    model = dict(d.get("model", {}))
+    model.setdefault("vocab_size", 1)  # Placeholder until the tokenizer is known.
+    weights = d.get("loss_weights", "final")
+    if isinstance(weights, Mapping):
+      weights = ",".join(f"{k}:{v}" for k, v in weights.items())
+    return cls(
+        model=_build(ModelConfig, model, "model"),
+        data=DataConfig.from_dict(dict(d.get("data", {}))),
+        loss_weights=str(weights),
+        exit_layers=tuple(int(e) for e in d.get("exit_layers", (model.get("num_layers", 1),))),
+        train=_build(TrainConfig, dict(d.get("train", {})), "train"),
+    )
+
+
+def _build(cls, fields: dict[str, Any], section: str):
+  allowed = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(fields) - allowed
+  if unknown:
+    raise UserError(f"unknown {section} field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+  try:
+    return cls(**fields)
+  except TypeError as e:
+    raise UserError(f"bad {section} config: {e}") from None
+
+
+def _check_int(name: str, value: Any, low: int):
+  if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float, low_open: bool = False):
+  ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+  ok = ok and (value > low if low_open else value >= low) and value <= high
+  if not ok:
+    bracket = "(" if low_open else "["
+    raise UserError(f"{name} must be a finite number in {bracket}{low}, {high}], got {value!r}")
+
+
+def sibling_config(this_file: str, name: str) -> ml_collections.ConfigDict:
+  """`get_config()` of the config file `name`.py beside `this_file`.
+
+  Config files are loaded by path (`--config=path.py`), not as a package, so one
+  config builds on another through this instead of an import.
+  """
+  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name + ".py")
+  spec = importlib.util.spec_from_file_location(f"_deepexit_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

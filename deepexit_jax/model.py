@@ -1,0 +1,295 @@
+"""Deep-supervision decoder Transformer: every layer feeds one shared exit head.
+
+Shapes are named once here and used as suffixes on locals:
+  N layers, B batch, T time (sequence), D model width, F ffn width, H heads,
+  K head width (D / H), V vocabulary.
+
+All layers run inside ONE `jax.lax.scan` over stacked block parameters, so the
+compile time does not grow with the number of layers. The scan body is
+pluggable (`DeepSupervisionTransformer.scan_layers`): the plain forward pass,
+the exit engine's state-copy policy and the probe collection all reuse the same
+scan with their own per-layer function, instead of re-implementing the layer loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepexit_jax.errors import UserError
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a `DeepSupervisionTransformer`.
+
+  Attributes:
+    vocab_size: number of token ids (V).
+    num_layers: number of Transformer blocks (N); every one has an exit.
+    dim: model width (D).
+    num_heads: attention heads (H); must divide `dim`.
+    ffn_dim: MLP hidden width (F); None means 4 * dim.
+    max_len: longest sequence the learned positional embedding supports.
+    dropout: residual dropout rate during training, in [0, 1).
+    tie_embeddings: if True the unembedding is the transposed input embedding.
+  """
+
+  vocab_size: int
+  num_layers: int
+  dim: int
+  num_heads: int
+  ffn_dim: int | None = None
+  max_len: int = 128
+  dropout: float = 0.0
+  tie_embeddings: bool = False
+
+  def __post_init__(self):
+    for name in ("vocab_size", "num_layers", "dim", "num_heads", "max_len"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"model.{name} must be an integer >= 1, got {value!r}")
+    if self.dim % self.num_heads:
+      raise UserError(
+          f"model.num_heads={self.num_heads} must divide model.dim={self.dim}: "
+          "choose a head count that divides the width")
+    if self.ffn_dim is not None and (not isinstance(self.ffn_dim, int) or self.ffn_dim < 1):
+      raise UserError(f"model.ffn_dim must be an integer >= 1 or None, got {self.ffn_dim!r}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise UserError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+
+  @property
+  def ffn_width(self) -> int:
+    return self.ffn_dim if self.ffn_dim is not None else 4 * self.dim
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.num_heads
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  """What one forward pass returns.
+
+  Attributes:
+    embed_BTD: token + position embedding, the input of layer 1 (h_in of layer 1).
+    hidden_NBTD: output of every layer; index 0 is layer 1.
+    per_layer: stacked (leading axis N) result of the per-layer function, by
+      default the exit head's logits [N, B, T, V]; large-vocabulary callers pass
+      a function that returns small summaries instead.
+  """
+
+  embed_BTD: Array
+  hidden_NBTD: Array
+  per_layer: Any
+
+
+def _dropout(x: Array, rate: float, key: Array | None) -> Array:
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+class Block(nnx.Module):
+  """Pre-LayerNorm Transformer block: causal self-attention, then a GELU MLP."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    d, f = config.dim, config.ffn_width
+    init = nnx.initializers.normal(0.02)
+    # Residual projections scaled down with depth (GPT-2), so deep stacks start stable.
+    out_init = nnx.initializers.normal(0.02 / (2 * config.num_layers) ** 0.5)
+    self.num_heads = config.num_heads
+    self.dropout = config.dropout
+    self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+    self.qkv = nnx.Linear(d, 3 * d, kernel_init=init, rngs=rngs)
+    self.attn_out = nnx.Linear(d, d, kernel_init=out_init, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+    self.fc1 = nnx.Linear(d, f, kernel_init=init, rngs=rngs)
+    self.fc2 = nnx.Linear(f, d, kernel_init=out_init, rngs=rngs)
+
+  def kv(self, h_BTD: Array) -> tuple[Array, Array]:
+    """Keys and values [B, T, H, K] this layer computes from its input states."""
+    _, k_BTD, v_BTD = jnp.split(self.qkv(self.ln1(h_BTD)), 3, axis=-1)
+    return self._heads(k_BTD), self._heads(v_BTD)
+
+  def _heads(self, x_BTD: Array) -> Array:
+    b, t, d = x_BTD.shape
+    return x_BTD.reshape(b, t, self.num_heads, d // self.num_heads)
+
+  def __call__(self, h_BTD: Array, key: Array | None = None) -> Array:
+    """Applies the block causally over the whole sequence.
+
+    Args:
+      h_BTD: input hidden states.
+      key: dropout PRNG key; None (evaluation) disables dropout.
+
+    Returns:
+      The block's output hidden states [B, T, D].
+    """
+    keys = (None, None) if key is None else tuple(jax.random.split(key))
+    q_BTD, k_BTD, v_BTD = jnp.split(self.qkv(self.ln1(h_BTD)), 3, axis=-1)
+    att_BTHK = jax.nn.dot_product_attention(
+        self._heads(q_BTD), self._heads(k_BTD), self._heads(v_BTD), is_causal=True)
+    att_BTD = self.attn_out(att_BTHK.reshape(h_BTD.shape))
+    h_BTD = h_BTD + _dropout(att_BTD, self.dropout, keys[0])
+    mlp_BTD = self.fc2(jax.nn.gelu(self.fc1(self.ln2(h_BTD))))
+    return h_BTD + _dropout(mlp_BTD, self.dropout, keys[1])
+
+
+# body(layer_index, h_in_BTD, h_out_BTD, carry) -> (h_next_BTD, carry, per_layer_output)
+LayerBody = Callable[[Array, Array, Array, Any], tuple[Array, Any, Any]]
+
+
+class DeepSupervisionTransformer(nnx.Module):
+  """Decoder-only causal Transformer whose every layer has logits.
+
+  One shared exit head (final LayerNorm + unembedding) is applied after every
+  layer, the deep-supervision setup of CALM / LayerSkip / EE-LLM.
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    init = nnx.initializers.normal(0.02)
+    self.embed = nnx.Embed(config.vocab_size, config.dim, embedding_init=init, rngs=rngs)
+    self.pos_embed = nnx.Param(init(rngs.params(), (config.max_len, config.dim)))
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(rngs: nnx.Rngs) -> Block:
+      return Block(config, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = nnx.LayerNorm(config.dim, rngs=rngs)
+    if config.tie_embeddings:
+      self.unembed = None
+    else:
+      self.unembed = nnx.Linear(config.dim, config.vocab_size, kernel_init=init, rngs=rngs)
+
+  def embed_tokens(self, tokens_BT: Array, positions_BT: Array | None = None) -> Array:
+    """Token + learned position embedding: the input of layer 1."""
+    if positions_BT is None:
+      positions_BT = jnp.arange(tokens_BT.shape[-1])[None, :]
+    return self.embed(tokens_BT) + self.pos_embed[...][positions_BT]
+
+  def head(self, h_BTD: Array) -> Array:
+    """The shared exit head: final LayerNorm, then the unembedding, to logits."""
+    x_BTD = self.final_norm(h_BTD)
+    if self.unembed is None:
+      return self.embed.attend(x_BTD)
+    return self.unembed(x_BTD)
+
+  def layer(self, index: int) -> Block:
+    """Block `index` (0-based) as a stand-alone module (for loops and decoding)."""
+    graphdef, state = nnx.split(self.blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x[index], state))
+
+  def scan_layers(
+      self,
+      h_BTD: Array,
+      body: LayerBody,
+      carry: Any = None,
+      *,
+      dropout_rng: Array | None = None,
+      use_scan: bool = True,
+  ) -> tuple[Array, Any, Any]:
+    """Runs every block in order, letting `body` decide what each layer keeps.
+
+    Args:
+      h_BTD: input of layer 1.
+      body: `body(i, h_in, h_out, carry) -> (h_next, carry, out)` where `i` is the
+        0-based layer index (a traced int), `h_out` the block's output and
+        `h_next` what layer i+1 receives. `out` is stacked over layers.
+      carry: extra state threaded through the layers.
+      dropout_rng: PRNG key for dropout; None disables dropout.
+      use_scan: True runs one `lax.scan`; False a Python loop (same results;
+        kept as the readable reference and tested against the scan).
+
+    Returns:
+      (h of the last layer, final carry, stacked outputs with leading axis N).
+    """
+    n = self.config.num_layers
+    keys_N2 = None if dropout_rng is None else jax.random.split(dropout_rng, n)
+    graphdef, state = nnx.split(self.blocks)
+
+    def step(c, xs):
+      h_in, extra = c
+      layer_state, i, key = xs
+      h_out = nnx.merge(graphdef, layer_state)(h_in, key)
+      h_next, extra, out = body(i, h_in, h_out, extra)
+      return (h_next, extra), out
+
+    xs = (state, jnp.arange(n), keys_N2)
+    if use_scan:
+      (h_BTD, carry), outs = jax.lax.scan(step, (h_BTD, carry), xs)
+      return h_BTD, carry, outs
+    outs = []
+    for i in range(n):
+      (h_BTD, carry), out = step((h_BTD, carry), jax.tree.map(lambda x, i=i: x[i], xs))
+      outs.append(out)
+    return h_BTD, carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+  def __call__(
+      self,
+      tokens_BT: Array,
+      *,
+      per_layer_fn: Callable[[Array], Any] | None = None,
+      dropout_rng: Array | None = None,
+      use_scan: bool = True,
+  ) -> ModelOutput:
+    """Full-depth forward pass returning every layer's hidden state and head output.
+
+    Args:
+      tokens_BT: int32 token ids.
+      per_layer_fn: maps a layer's output hidden state [B, T, D] to what is kept
+        for that layer; default `self.head` (logits). Runs inside the scan, so a
+        summary function never materialises [N, B, T, V].
+      dropout_rng: PRNG key enabling dropout (training); None for evaluation.
+      use_scan: see `scan_layers`.
+
+    Returns:
+      A `ModelOutput`.
+    """
+    fn = self.head if per_layer_fn is None else per_layer_fn
+    h0_BTD = self.embed_tokens(tokens_BT)
+
+    def body(i, h_in, h_out, carry):
+      del i, h_in
+      return h_out, carry, (h_out, fn(h_out))
+
+    _, _, (hidden_NBTD, per_layer) = self.scan_layers(
+        h0_BTD, body, dropout_rng=dropout_rng, use_scan=use_scan)
+    return ModelOutput(embed_BTD=h0_BTD, hidden_NBTD=hidden_NBTD, per_layer=per_layer)
+
+
+def create_model(config: ModelConfig, seed: int = 0) -> DeepSupervisionTransformer:
+  """Builds a freshly initialised model, ready for the functions of this package."""
+  return DeepSupervisionTransformer(config, rngs=nnx.Rngs(params=seed))
+
+
+@nnx.jit(static_argnames=("use_scan",))
+def all_layer_logits(model: DeepSupervisionTransformer, tokens: Array,
+                     use_scan: bool = True) -> Array:
+  """Logits of every layer's exit, [num_layers, B, T, V]; index 0 is layer 1.
+
+  Args:
+    model: a `DeepSupervisionTransformer` (from `create_model` or `load_model`).
+    tokens: int32 [B, T] token ids, T <= config.max_len.
+    use_scan: False runs the Python-loop reference path.
+  """
+  return model(jnp.asarray(tokens, jnp.int32), use_scan=use_scan).per_layer
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of trainable parameters."""
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,461 @@
+"""Tests for the early-exit engine: selection, KV policies, routing, accounting, errors."""
+
+import dataclasses
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deepexit_jax import exits
+from deepexit_jax.errors import UserError
+from deepexit_jax.model import ModelConfig, all_layer_logits, create_model
+
+CONFIG = ModelConfig(vocab_size=23, num_layers=4, dim=16, num_heads=2, max_len=16)
+N = CONFIG.num_layers
+EXIT_SETS = [(2,), (1, 3), (1, 2, 3)]
+
+
+@functools.cache
+def _model():
+  """A tiny random model whose layers disagree and whose confidences spread."""
+  model = create_model(CONFIG, seed=0)
+  # Random init gives near-uniform logits and near-identity blocks; scaling the head
+  # and the block kernels spreads the confidences over (0, 1] and across layers.
+  model.unembed.kernel[...] = model.unembed.kernel[...] * 40
+  for name in ("qkv", "attn_out", "fc1", "fc2"):
+    kernel = getattr(model.blocks, name).kernel
+    kernel[...] = kernel[...] * 5
+  return model
+
+
+@functools.cache
+def _tokens():
+  return np.asarray(jax.random.randint(jax.random.key(1), (3, 12), 0, CONFIG.vocab_size))
+
+
+@functools.cache
+def _layers():
+  """Every layer's logits, inputs and outputs (numpy, float64): [N, B, T, *]."""
+  model, tokens = _model(), _tokens()
+  out = model(jnp.asarray(tokens))
+  h_out_NBTD = np.asarray(out.hidden_NBTD, np.float64)
+  h_in_NBTD = np.concatenate([np.asarray(out.embed_BTD, np.float64)[None], h_out_NBTD[:-1]])
+  return np.asarray(all_layer_logits(model, tokens)), h_in_NBTD, h_out_NBTD
+
+
+def _np_confidence(measure, logits_V, h_in_D, h_out_D):
+  """Reference measures in float64 on [..., V] / [..., D]."""
+  z = logits_V.astype(np.float64)
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  if measure == "softmax":
+    return p.max(-1)
+  if measure == "margin":
+    s = np.sort(p, -1)
+    return s[..., -1] - s[..., -2]
+  if measure == "entropy":
+    return np.sum(p * np.log(p), -1)
+  dot = np.sum(h_in_D * h_out_D, -1)
+  return dot / np.sqrt(np.sum(h_in_D**2, -1) * np.sum(h_out_D**2, -1))
+
+
+def _np_conf_NBT(measure):
+  logits_NBTV, h_in_NBTD, h_out_NBTD = _layers()
+  return _np_confidence(measure, logits_NBTV, h_in_NBTD, h_out_NBTD)
+
+
+def _np_select(conf_NBT, logits_NBTV, threshold, exit_layers, thr_T=None):
+  """Plain-loop exit selection: (exit_layer [B,T], logits [B,T,V], confidence [B,T])."""
+  _, b, t = conf_NBT.shape
+  exit_layer = np.full((b, t), N)
+  conf = np.full((b, t), np.nan)
+  checked = [k for k in exit_layers if k < N]
+  for i in range(b):
+    for j in range(t):
+      thr = threshold if thr_T is None else thr_T[j]
+      for k in checked:
+        conf[i, j] = conf_NBT[k - 1, i, j]
+        if conf_NBT[k - 1, i, j] >= thr:
+          exit_layer[i, j] = k
+          break
+  logits = np.take_along_axis(logits_NBTV, exit_layer[None, :, :, None] - 1, 0)[0]
+  return exit_layer, logits, conf
+
+
+def _safe_thresholds(conf, quantiles=(0.3, 0.55, 0.8), gap=1e-3):
+  """Thresholds near the given quantiles, each midway in a gap between confidences."""
+  values = np.unique(np.ravel(conf))
+  thresholds = []
+  for q in quantiles:
+    i = int(q * (len(values) - 1))
+    while values[i + 1] - values[i] < gap:
+      i += 1
+    thresholds.append((values[i] + values[i + 1]) / 2)
+  return np.asarray(thresholds, np.float32)
+
+
+def _take(result, s):
+  return jax.tree.map(lambda x: x[s], result)
+
+
+@pytest.mark.parametrize("measure", ["softmax", "margin", "entropy", "state"])
+@pytest.mark.parametrize("exit_layers", EXIT_SETS)
+def test_oracle_matches_numpy_selection(measure, exit_layers):
+  conf_NBT = _np_conf_NBT(measure)
+  logits_NBTV = _layers()[0]
+  thresholds = _safe_thresholds(conf_NBT[[k - 1 for k in exit_layers]])
+  result = exits.predict_with_exit(_model(), _tokens(), thresholds, exit_layers=exit_layers,
+                                   measure=measure)
+  chex.assert_shape(result.logits, (3, 3, 12, CONFIG.vocab_size))
+  chex.assert_shape(result.exit_fraction, (3, len(exit_layers)))
+  for s, thr in enumerate(thresholds):
+    exit_layer, logits, conf = _np_select(conf_NBT, logits_NBTV, thr, exit_layers)
+    np.testing.assert_array_equal(result.exit_layer[s], exit_layer)
+    np.testing.assert_array_equal(result.logits[s], logits)
+    np.testing.assert_allclose(result.confidence[s], conf, atol=2e-5)
+    for e, k in enumerate(exit_layers):
+      np.testing.assert_allclose(result.exit_fraction[s, e], np.mean(exit_layer == k))
+  assert len(set(np.unique(result.exit_layer).tolist())) > 1  # the test is not vacuous
+
+
+@pytest.mark.parametrize("kv_policy", ["oracle", "copy"])
+def test_threshold_edges(kv_policy):
+  logits_NBTV = _layers()[0]
+  result = exits.predict_with_exit(_model(), _tokens(), jnp.array([0.0, jnp.inf]),
+                                   exit_layers=(2, 3), kv_policy=kv_policy)
+  zero, never = _take(result, 0), _take(result, 1)
+  np.testing.assert_array_equal(zero.exit_layer, 2)
+  np.testing.assert_allclose(zero.exit_fraction, [1.0, 0.0])
+  np.testing.assert_array_equal(never.exit_layer, N)
+  np.testing.assert_array_equal(never.exit_fraction, [0.0, 0.0])
+  np.testing.assert_array_equal(never.layers_fraction, 1.0)
+  np.testing.assert_allclose(never.confidence, _np_conf_NBT("softmax")[2], atol=2e-5)
+  if kv_policy == "oracle":
+    np.testing.assert_array_equal(never.logits, logits_NBTV[-1])
+  else:  # Same math, but the scan's selects change XLA's fusion: equal up to rounding.
+    np.testing.assert_allclose(never.logits, logits_NBTV[-1], atol=1e-4)
+
+
+@pytest.mark.parametrize("routing", ["token", "sequence"])
+def test_exit_fraction_monotone_in_threshold(routing):
+  thresholds = jnp.array([0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0, jnp.inf])
+  result = exits.predict_with_exit(_model(), _tokens(), thresholds, exit_layers=(1, 2, 3),
+                                   routing=routing, seq_quantile=0.5)
+  exited_S = np.asarray(result.exit_fraction.sum(-1))
+  assert np.all(np.diff(exited_S) <= 0), exited_S
+  assert np.all(np.diff(np.asarray(result.mean_layers_fraction)) >= 0)
+  assert exited_S[0] == 1.0 and exited_S[-1] == 0.0
+
+
+@pytest.mark.parametrize("kv_policy", ["oracle", "copy"])
+@pytest.mark.parametrize("routing", ["token", "sequence"])
+def test_vector_threshold_equals_scalar_calls(kv_policy, routing):
+  thresholds = np.asarray([0.3, 0.7, 0.9], np.float32)
+  kwargs = dict(exit_layers=(1, 3), kv_policy=kv_policy, routing=routing, seq_quantile=0.5,
+                targets=_tokens())
+  batched = exits.predict_with_exit(_model(), _tokens(), thresholds, **kwargs)
+  for s, thr in enumerate(thresholds):
+    single = exits.predict_with_exit(_model(), _tokens(), thr, **kwargs)
+    chex.assert_trees_all_close(_take(batched, s), single, atol=1e-5)
+
+
+def _reference_copy(model, tokens, threshold, exit_layers, measure):
+  """Slow CALM reference: positions in order, each run upward layer by layer.
+
+  Keys/values are stored per layer and position; an exited token's copied state
+  still writes its keys/values at every deeper layer.
+  """
+  b, t_len = tokens.shape
+  blocks = [model.layer(i) for i in range(N)]
+  h_BTD = np.asarray(model.embed_tokens(jnp.asarray(tokens)))
+  keys = [[] for _ in range(N)]
+  values = [[] for _ in range(N)]
+  heads, head_dim = CONFIG.num_heads, CONFIG.head_dim
+  exit_layer = np.full((b, t_len), N)
+  logits = np.zeros((b, t_len, CONFIG.vocab_size), np.float32)
+  conf = np.full((b, t_len), np.nan)
+  gaps = []  # |confidence - threshold| at every decision, to guard against ties
+  for t in range(t_len):
+    h = jnp.asarray(h_BTD[:, t])
+    exited = np.zeros(b, bool)
+    for i, blk in enumerate(blocks):
+      q, k, v = jnp.split(blk.qkv(blk.ln1(h)), 3, axis=-1)
+      keys[i].append(k.reshape(b, heads, head_dim))
+      values[i].append(v.reshape(b, heads, head_dim))
+      k_BSHK, v_BSHK = jnp.stack(keys[i], 1), jnp.stack(values[i], 1)
+      scores = jnp.einsum("bhk,bshk->bhs", q.reshape(b, heads, head_dim), k_BSHK)
+      att = jnp.einsum("bhs,bshk->bhk", jax.nn.softmax(scores / math.sqrt(head_dim)), v_BSHK)
+      h_new = h + blk.attn_out(att.reshape(b, -1))
+      h_new = h_new + blk.fc2(jax.nn.gelu(blk.fc1(blk.ln2(h_new))))
+      if i + 1 in exit_layers and i + 1 < N:
+        layer_logits = np.asarray(model.head(h_new))
+        c = _np_confidence(measure, layer_logits, np.asarray(h, np.float64),
+                           np.asarray(h_new, np.float64))
+        live = ~exited
+        conf[live, t] = c[live]
+        gaps.extend(np.abs(c[live] - threshold))
+        new = live & (c >= threshold)
+        exit_layer[new, t] = i + 1
+        logits[new, t] = layer_logits[new]
+        exited |= new
+      h = jnp.where(jnp.asarray(exited)[:, None], h, h_new)
+    final = np.asarray(model.head(h))
+    logits[~exited, t] = final[~exited]
+  return exit_layer, logits, conf, min(gaps)
+
+
+@pytest.mark.parametrize("measure, exit_layers, threshold",
+                         [("softmax", (2,), 0.7), ("softmax", (1, 3), 0.8),
+                          ("state", (1, 2), 0.8)])
+def test_copy_matches_token_by_token_reference(measure, exit_layers, threshold):
+  model, tokens = _model(), _tokens()
+  exit_layer, logits, conf, gap = _reference_copy(model, tokens, threshold, exit_layers,
+                                                  measure)
+  assert gap > 1e-4  # no decision sits on the threshold, so float noise cannot flip it
+  assert 0 < np.mean(exit_layer < N) < 1  # the test is not vacuous
+  result = exits.predict_with_exit(model, tokens, threshold, exit_layers=exit_layers,
+                                   measure=measure, kv_policy="copy")
+  np.testing.assert_array_equal(result.exit_layer, exit_layer)
+  np.testing.assert_allclose(result.logits, logits, atol=1e-4)
+  np.testing.assert_allclose(result.confidence, conf, atol=1e-5)
+  # Copying changes later tokens' full-depth outputs, unlike the oracle.
+  oracle = exits.predict_with_exit(model, tokens, threshold, exit_layers=exit_layers,
+                                   measure=measure)
+  full = result.exit_layer == N
+  assert not np.allclose(np.asarray(result.logits)[full], np.asarray(oracle.logits)[full])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_copy_all_exit_equals_truncated_model(k):
+  result = exits.predict_with_exit(_model(), _tokens(), 0.0, exit_layers=(k,),
+                                   kv_policy="copy")
+  np.testing.assert_array_equal(result.exit_layer, k)
+  np.testing.assert_allclose(result.logits, _layers()[0][k - 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("seq_quantile", [1.0, 0.5])
+def test_sequence_routing(seq_quantile):
+  exit_layers = (1, 2, 3)
+  conf_NBT = _np_conf_NBT("softmax")
+  thresholds = np.asarray([0.3, 0.5, 0.7], np.float32)
+  result = exits.predict_with_exit(_model(), _tokens(), thresholds, exit_layers=exit_layers,
+                                   routing="sequence", seq_quantile=seq_quantile)
+  need = math.ceil(seq_quantile * conf_NBT.shape[-1])
+  for s, thr in enumerate(thresholds):
+    layer_BT = np.asarray(result.exit_layer[s])
+    np.testing.assert_array_equal(layer_BT, layer_BT[:, :1])  # one exit layer per row
+    for row in range(layer_BT.shape[0]):
+      ok = [np.sum(conf_NBT[k - 1, row] >= thr) >= need for k in exit_layers]
+      if seq_quantile == 1.0:
+        np.testing.assert_array_equal(ok, [conf_NBT[k - 1, row].min() >= thr
+                                           for k in exit_layers])
+      expected = exit_layers[ok.index(True)] if any(ok) else N
+      assert layer_BT[row, 0] == expected
+  assert len(np.unique(result.exit_layer)) > 1
+
+
+def test_sequence_routing_copy_is_per_row():
+  result = exits.predict_with_exit(_model(), _tokens(), jnp.array([0.3, 0.6]),
+                                   exit_layers=(1, 2), kv_policy="copy", routing="sequence")
+  layer_SBT = np.asarray(result.exit_layer)
+  np.testing.assert_array_equal(layer_SBT, layer_SBT[..., :1])
+
+
+def test_threshold_decay():
+  conf_NBT = _np_conf_NBT("softmax")
+  logits_NBTV = _layers()[0]
+  thr, decay, t_len = 0.8, 1.5, conf_NBT.shape[-1]
+  result = exits.predict_with_exit(_model(), _tokens(), thr, exit_layers=(1, 2),
+                                   threshold_decay=decay)
+  thr_T = thr * np.exp(-decay * np.arange(t_len) / t_len)
+  exit_layer, _, _ = _np_select(conf_NBT, logits_NBTV, thr, (1, 2), thr_T=thr_T)
+  np.testing.assert_array_equal(result.exit_layer, exit_layer)
+  constant = exits.predict_with_exit(_model(), _tokens(), thr, exit_layers=(1, 2))
+  assert np.mean(result.exit_layer) < np.mean(constant.exit_layer)
+
+
+def test_nll_and_oracle_exit_layer():
+  logits_NBTV = _layers()[0]
+  targets = np.roll(_tokens(), -1, axis=1)
+  result = exits.predict_with_exit(_model(), _tokens(), jnp.inf, targets=targets)
+  logp = jax.nn.log_softmax(logits_NBTV[-1])
+  np.testing.assert_allclose(result.nll, -np.take_along_axis(logp, targets[..., None], -1)[..., 0],
+                             rtol=1e-6)
+  top_NBT = logits_NBTV.argmax(-1)
+  expected = np.full(top_NBT.shape[1:], N)
+  for k in (3, 1):  # latest first, so the earliest agreeing layer wins
+    expected = np.where(top_NBT[k - 1] == top_NBT[-1], k, expected)
+  np.testing.assert_array_equal(exits.oracle_exit_layer(logits_NBTV, (1, 3)), expected)
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineProbe:
+  """A hand-made static probe: the state measure, at the state measure's cost."""
+
+  flops_per_token: int = 6 * CONFIG.dim
+
+  def __call__(self, h_in_BTD, h_out_BTD, layer):
+    del layer
+    return exits.state_confidence(h_in_BTD, h_out_BTD)
+
+
+class LinearProbe(nnx.Module):
+  """A hand-made traced probe with a per-layer bias, indexed by the 1-based layer."""
+
+  flops_per_token = 2 * CONFIG.dim
+
+  def __init__(self):
+    self.w = nnx.Param(jnp.linspace(-1.0, 1.0, CONFIG.dim))
+    self.b = nnx.Param(jnp.array([0.0, 0.3, -0.3, 0.0]))
+
+  def __call__(self, h_in_BTD, h_out_BTD, layer):
+    del h_in_BTD
+    return jax.nn.sigmoid(h_out_BTD @ self.w[...] + self.b[...][layer - 1])
+
+
+@pytest.mark.parametrize("kv_policy", ["oracle", "copy"])
+def test_static_probe_equals_state_measure(kv_policy):
+  kwargs = dict(exit_layers=(1, 2), kv_policy=kv_policy)
+  thresholds = jnp.array([0.5, 0.8])
+  probed = exits.predict_with_exit(_model(), _tokens(), thresholds, measure="probe",
+                                   probe=CosineProbe(), **kwargs)
+  state = exits.predict_with_exit(_model(), _tokens(), thresholds, measure="state", **kwargs)
+  chex.assert_trees_all_close(probed, state)
+
+
+def test_module_probe_matches_manual_selection():
+  probe = LinearProbe()
+  assert isinstance(probe, exits.ConfidenceProbe)
+  logits_NBTV, _, h_out_NBTD = _layers()
+  w, b = np.asarray(probe.w[...], np.float64), np.asarray(probe.b[...], np.float64)
+  conf_NBT = 1 / (1 + np.exp(-(h_out_NBTD @ w + b[:, None, None])))
+  result = exits.predict_with_exit(_model(), _tokens(), 0.6, exit_layers=(1, 2, 3),
+                                   measure="probe", probe=probe)
+  exit_layer, _, conf = _np_select(conf_NBT, logits_NBTV, 0.6, (1, 2, 3))
+  np.testing.assert_array_equal(result.exit_layer, exit_layer)
+  np.testing.assert_allclose(result.confidence, conf, atol=1e-5)
+
+
+def test_no_recompilation_across_thresholds():
+  model, tokens = _model(), _tokens()
+  events = []
+  listener = lambda event, *args, **kwargs: events.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for kv_policy in ("oracle", "copy"):
+      run = functools.partial(exits.predict_with_exit, model, tokens, exit_layers=(1, 3),
+                              kv_policy=kv_policy)
+      run(0.5)  # warm up: compiles
+      events.clear()
+      for thr in (0.1, np.float32(0.7), jnp.array(0.9), jnp.inf):
+        run(thr)
+      run(jnp.array([0.1, 0.2, 0.3]))
+      compiles_after_warmup = len(events)
+      events.clear()
+      for thr in (np.array([0.4, 0.5, 0.6]), jnp.array([0.7, 0.8, jnp.inf])):
+        run(thr)
+      assert not [e for e in events if "compile" in e], events
+      assert compiles_after_warmup > 0  # the listener does see compiles
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  # A probe only runs while tracing: it must not run again for new threshold values.
+  traced = chex.assert_max_traces(CosineProbe(), n=2)
+  probe = dataclasses.replace(CosineProbe())
+  object.__setattr__(probe, "__call__", traced)
+  calls = []
+
+  @dataclasses.dataclass(frozen=True)
+  class CountingProbe:
+    flops_per_token: int = 0
+
+    def __call__(self, h_in_BTD, h_out_BTD, layer):
+      calls.append(layer)
+      return exits.state_confidence(h_in_BTD, h_out_BTD)
+
+  for thr in (0.2, 0.5, 0.9, jnp.inf):
+    exits.predict_with_exit(model, tokens, thr, exit_layers=(1, 3), measure="probe",
+                            probe=CountingProbe())
+  assert len(calls) == 2  # one trace, one call per exit layer
+
+
+def test_threshold_is_traced_under_outer_jit():
+  model, tokens = _model(), _tokens()
+  fn = jax.jit(lambda thr: exits.predict_with_exit(model, tokens, thr).mean_layers_fraction)
+  eager = exits.predict_with_exit(model, tokens, jnp.array([0.0, jnp.inf]))
+  np.testing.assert_allclose(fn(0.0), eager.mean_layers_fraction[0])
+  np.testing.assert_allclose(fn(jnp.inf), eager.mean_layers_fraction[1])
+
+
+TINY = ModelConfig(vocab_size=5, num_layers=2, dim=4, num_heads=1, ffn_dim=8, max_len=4)
+
+
+def test_flops_hand_count():
+  # Per block at position t: QKV 2*4*12 = 96, attention 2*2*(t+1)*4 = 16(t+1),
+  # output 2*4*4 = 32, MLP 2*2*4*8 = 128: 272 at t=0, 288 at t=1. Head 2*4*5 = 40.
+  # Full depth: 2 blocks + 1 head = 584 (t=0), 616 (t=1). Copied K/V: 2*4*8 = 64.
+  full = {0: 584, 1: 616}
+  hand = {
+      # (t, exit layer, policy, measure): FLOPs.
+      (0, 1, "oracle", "softmax"): 272 + 40,
+      (1, 1, "oracle", "softmax"): 288 + 40,
+      (0, 1, "copy", "softmax"): 272 + 64 + 40,
+      (1, 1, "copy", "softmax"): 288 + 64 + 40,
+      (0, 2, "oracle", "softmax"): 2 * 272 + 40 + 40,  # exit check at 1 + final head
+      (1, 2, "copy", "softmax"): 2 * 288 + 40 + 40,
+      (0, 1, "oracle", "state"): 272 + 40 + 2 * 3 * 4,  # cosine 3 D multiply-adds
+      (1, 2, "copy", "state"): 2 * 288 + 40 + 24,
+  }
+  counter = exits.FlopCounter.from_config(TINY)
+  for t in (0, 1):
+    assert counter.full_depth(t) == full[t]
+  for (t, layer, policy, measure), flops in hand.items():
+    assert exits.flops_per_token(TINY, t, layer, exit_layers=(1,), measure=measure,
+                                 kv_policy=policy) == flops, (t, layer, policy, measure)
+  assert exits.flops_per_token(TINY, 0, 1, exit_layers=(1,), measure="probe",
+                               probe_flops=7) == 272 + 40 + 7
+  model = create_model(TINY, seed=0)
+  tokens = np.array([[1, 2]])
+  for policy in ("oracle", "copy"):
+    result = exits.predict_with_exit(model, tokens, jnp.array([0.0, jnp.inf]), exit_layers=(1,),
+                                     kv_policy=policy)
+    exited = [hand[(t, 1, policy, "softmax")] / full[t] for t in (0, 1)]
+    np.testing.assert_allclose(result.flops_fraction[0, 0], exited, rtol=1e-6)
+    np.testing.assert_allclose(result.flops_fraction[1, 0], [624 / 584, 656 / 616], rtol=1e-6)
+    np.testing.assert_allclose(result.mean_flops_fraction[0], np.mean(exited), rtol=1e-6)
+    np.testing.assert_allclose(result.layers_fraction[0], 0.5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(threshold=float("nan")), "NaN"),
+    (dict(threshold=jnp.array([0.5, jnp.nan])), "NaN"),
+    (dict(threshold=-0.1), "negative"),
+    (dict(threshold=-0.1, measure="margin"), "negative"),
+    (dict(threshold=jnp.ones((2, 2))), "1-D"),
+    (dict(exit_layers=(0,)), "1..4"),
+    (dict(exit_layers=(5,)), "1..4"),
+    (dict(exit_layers=(3, 2)), "ascending"),
+    (dict(exit_layers=(2, 2)), "ascending"),
+    (dict(exit_layers=()), "empty"),
+    (dict(measure="perplexity"), "measure"),
+    (dict(kv_policy="recompute"), "kv_policy"),
+    (dict(routing="batch"), "routing"),
+    (dict(seq_quantile=0.0), "seq_quantile"),
+    (dict(threshold_decay=-1.0), "threshold_decay"),
+    (dict(measure="probe"), "probe"),
+    (dict(probe=CosineProbe()), "probe"),
+    (dict(targets=np.zeros((3, 5), np.int32)), "targets"),
+])
+def test_bad_inputs(kwargs, match):
+  kwargs = {"threshold": 0.5, **kwargs}
+  with pytest.raises(UserError, match=match):
+    exits.predict_with_exit(_model(), _tokens(), **kwargs)
+
+
+def test_entropy_accepts_negative_thresholds():
+  result = exits.predict_with_exit(_model(), _tokens(), -jnp.inf, measure="entropy")
+  np.testing.assert_array_equal(result.exit_layer, 2)
