@@ -305,7 +305,7 @@ def _is_confident(conf_XBT: Array, thr_T: Array, routing: str, need: int) -> Arr
 
 def _first_true(ok_EBT: Array) -> Array:
   """Index of the first True along axis 0, or E where there is none."""
-  ok_LBT = jnp.concatenate([ok_EBT, jnp.ones_like(ok_EBT[:1])], 0)
+  ok_LBT = jnp.concatenate([ok_EBT, jnp.ones((1,) + ok_EBT.shape[1:], bool)], 0)
   return jnp.argmax(ok_LBT, axis=0).astype(jnp.int32)
 
 

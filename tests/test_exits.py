@@ -184,6 +184,7 @@ def _reference_copy(model, tokens, threshold, exit_layers, measure):
     h = jnp.asarray(h_BTD[:, t])
     exited = np.zeros(b, bool)
     for i, blk in enumerate(blocks):
+      exited_before = jnp.asarray(exited)[:, None]
       q, k, v = jnp.split(blk.qkv(blk.ln1(h)), 3, axis=-1)
       keys[i].append(k.reshape(b, heads, head_dim))
       values[i].append(v.reshape(b, heads, head_dim))
@@ -203,7 +204,7 @@ def _reference_copy(model, tokens, threshold, exit_layers, measure):
         exit_layer[new, t] = i + 1
         logits[new, t] = layer_logits[new]
         exited |= new
-      h = jnp.where(jnp.asarray(exited)[:, None], h, h_new)
+      h = jnp.where(exited_before, h, h_new)
     final = np.asarray(model.head(h))
     logits[~exited, t] = final[~exited]
   return exit_layer, logits, conf, min(gaps)
@@ -238,17 +239,18 @@ def test_copy_all_exit_equals_truncated_model(k):
   np.testing.assert_allclose(result.logits, _layers()[0][k - 1], atol=1e-5)
 
 
-@pytest.mark.parametrize("seq_quantile", [1.0, 0.5])
-def test_sequence_routing(seq_quantile):
+@pytest.mark.parametrize("seq_quantile, thresholds",
+                         [(1.0, (0.3, 0.4, 0.5)), (0.5, (0.75, 0.85, 0.95))])
+def test_sequence_routing(seq_quantile, thresholds):
   exit_layers = (1, 2, 3)
   conf_NBT = _np_conf_NBT("softmax")
-  thresholds = np.asarray([0.3, 0.5, 0.7], np.float32)
+  thresholds = np.asarray(thresholds, np.float32)
   result = exits.predict_with_exit(_model(), _tokens(), thresholds, exit_layers=exit_layers,
                                    routing="sequence", seq_quantile=seq_quantile)
   need = math.ceil(seq_quantile * conf_NBT.shape[-1])
   for s, thr in enumerate(thresholds):
     layer_BT = np.asarray(result.exit_layer[s])
-    np.testing.assert_array_equal(layer_BT, layer_BT[:, :1])  # one exit layer per row
+    assert np.all(layer_BT == layer_BT[:, :1])  # one exit layer per row
     for row in range(layer_BT.shape[0]):
       ok = [np.sum(conf_NBT[k - 1, row] >= thr) >= need for k in exit_layers]
       if seq_quantile == 1.0:
@@ -263,7 +265,8 @@ def test_sequence_routing_copy_is_per_row():
   result = exits.predict_with_exit(_model(), _tokens(), jnp.array([0.3, 0.6]),
                                    exit_layers=(1, 2), kv_policy="copy", routing="sequence")
   layer_SBT = np.asarray(result.exit_layer)
-  np.testing.assert_array_equal(layer_SBT, layer_SBT[..., :1])
+  assert np.all(layer_SBT == layer_SBT[..., :1])
+  assert len(np.unique(layer_SBT)) > 1
 
 
 def test_threshold_decay():
@@ -364,9 +367,6 @@ def test_no_recompilation_across_thresholds():
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   # A probe only runs while tracing: it must not run again for new threshold values.
-  traced = chex.assert_max_traces(CosineProbe(), n=2)
-  probe = dataclasses.replace(CosineProbe())
-  object.__setattr__(probe, "__call__", traced)
   calls = []
 
   @dataclasses.dataclass(frozen=True)

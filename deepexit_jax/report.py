@@ -1,0 +1,161 @@
+"""Writes sweep results as Markdown, CSV, JSON and a PPL-versus-compute plot."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+
+from deepexit_jax import checkpoint
+from deepexit_jax.sweep import SweepReport, SweepRow, pareto_front
+
+_RECOMMENDATION_NAMES = {
+    "best_quality_at_lowest_compute": "Best quality at lowest compute",
+    "max_efficiency": "Maximum efficiency",
+    "full_depth": "Full depth",
+}
+
+
+def _pct(x: float, signed: bool = False) -> str:
+  return f"{100 * x:+.2f}%" if signed else f"{100 * x:.1f}%"
+
+
+def _threshold_text(r: SweepRow) -> str:
+  if r.threshold is None:
+    return r.label
+  return "never (inf)" if math.isinf(r.threshold) else f"{r.threshold:g}"
+
+
+def markdown(report: SweepReport) -> str:
+  """The sweep as Markdown tables: one per KV policy, then baselines and recommendations."""
+  exits = [k for k in report.exit_layers if k < report.num_layers]
+  several = len(exits) > 1
+  head = ["Threshold", "PPL", "Shallow Exit %", "Compute % (layers)", "FLOPs %",
+          "PPL change"] + ([f"exit@{k}" for k in exits] if several else [])
+  lines = [
+      f"Sweep of {report.metadata['checkpoint']} (step {report.metadata['step']}, "
+      f"params {report.metadata['params_sha256']}) on {report.num_tokens:,} validation "
+      f"tokens; measure `{report.measure}`, exit layers {list(exits)} of "
+      f"{report.num_layers}. Compute % = mean layers run / N; FLOPs % = total FLOPs / "
+      "full-depth FLOPs, exit-head checks included; PPL change vs full depth.", ""]
+
+  def table(rows: Sequence[SweepRow]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+      cells = [_threshold_text(r), f"{r.ppl:.3f}", _pct(r.shallow_exit),
+               _pct(r.layers_fraction), _pct(r.flops_fraction), _pct(r.ppl_change, True)]
+      if several:
+        cells += [_pct(f) for f in r.exit_fractions] if r.exit_fractions else [""] * len(exits)
+      out.append("| " + " | ".join(cells) + " |")
+    return out
+
+  for policy in report.metadata["kv_policies"]:
+    rows = [r for r in report.rows if r.kind == "threshold" and r.kv_policy == policy]
+    note = ("deeper layers see full-depth states of exited tokens; FLOPs are saved only if "
+            "those states are never needed" if policy == "oracle" else
+            "exited states are copied upward; skipped layers still project their keys/values")
+    lines += [f"### KV policy `{policy}` ({note})", ""] + table(rows) + [""]
+  others = [r for r in report.rows if r.kind != "threshold"]
+  lines += ["### Baselines", ""] + table(others) + [""]
+  lines += ["### Recommended settings (FLOPs; best quality = lowest FLOPs within "
+            f"+{100 * report.metadata['tolerance']:.1f}% PPL)", ""]
+  for key, name in _RECOMMENDATION_NAMES.items():
+    r = report.recommendations.get(key)
+    if r is None:
+      lines.append(f"- {name}: none within tolerance")
+      continue
+    policy = f", {r.kv_policy}" if r.kv_policy else ""
+    lines.append(f"- {name}: threshold {_threshold_text(r)}{policy}: PPL {r.ppl:.3f} "
+                 f"({_pct(r.ppl_change, True)}), {_pct(r.layers_fraction)} layers, "
+                 f"{_pct(r.flops_fraction)} FLOPs")
+  return "\n".join(lines) + "\n"
+
+
+def write_csv(report: SweepReport, path: str) -> None:
+  fields = [f.name for f in dataclasses.fields(SweepRow)]
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    for r in report.rows:
+      row = dataclasses.asdict(r)
+      row["exit_fractions"] = ";".join(f"{x:.6f}" for x in r.exit_fractions)
+      writer.writerow(row)
+
+
+def to_json(report: SweepReport) -> dict:
+  def clean(r: SweepRow) -> dict:
+    d = dataclasses.asdict(r)
+    if d["threshold"] is not None and math.isinf(d["threshold"]):
+      d["threshold"] = "inf"
+    return d
+
+  return {
+      "rows": [clean(r) for r in report.rows],
+      "recommendations": {k: clean(r) for k, r in report.recommendations.items()},
+      "exit_layers": list(report.exit_layers), "measure": report.measure,
+      "num_layers": report.num_layers, "num_tokens": report.num_tokens,
+      "metadata": report.metadata,
+  }
+
+
+def plot(report: SweepReport, path: str,
+         overlay: Sequence[tuple[str, float, float]] = ()) -> None:
+  """PPL versus compute (layers and FLOPs), Pareto fronts marked, baselines shown.
+
+  Args:
+    report: the sweep.
+    path: PNG file to write.
+    overlay: optional extra points (label, layers fraction, PPL), e.g. a
+      published reference table, drawn on the layers panel.
+  """
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+  for ax, key, name in ((axes[0], "layers_fraction", "layers run / N"),
+                        (axes[1], "flops_fraction", "FLOPs / full-depth FLOPs")):
+    for policy, color in (("oracle", "tab:blue"), ("copy", "tab:orange")):
+      rows = sorted((r for r in report.rows if r.kind == "threshold" and r.kv_policy == policy
+                     and math.isfinite(r.threshold)), key=lambda r: getattr(r, key))
+      if not rows:
+        continue
+      xs = [100 * getattr(r, key) for r in rows]
+      ax.plot(xs, [r.ppl for r in rows], "o-", color=color, alpha=0.6,
+              label=f"early exit, KV {policy}")
+      front = pareto_front(rows, key)
+      ax.plot([100 * getattr(r, key) for r in front], [r.ppl for r in front], "o",
+              mfc="none", mec="black", ms=11, label=f"Pareto front ({policy})")
+    for r in report.rows:
+      if r.kind == "threshold":
+        continue
+      marker = {"full": "*", "oracle": "D", "static": "s"}[r.kind]
+      ax.plot(100 * getattr(r, key), r.ppl, marker, ms=10, label=r.label)
+    if key == "layers_fraction" and overlay:
+      ax.plot([100 * x for _, x, _ in overlay], [p for _, _, p in overlay], "x--",
+              color="gray", label="reference notes")
+    ax.set_xlabel(f"compute: {name} (%)")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("validation PPL")
+  handles, labels = axes[0].get_legend_handles_labels()
+  axes[1].legend(handles, labels, fontsize=7, loc="upper right")
+  fig.suptitle(f"Early exit ({report.measure} confidence) vs static depth")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_report(report: SweepReport, out_dir: str,
+                 overlay: Sequence[tuple[str, float, float]] = ()) -> dict[str, str]:
+  """Writes sweep.md, sweep.csv, sweep.json and sweep.png into `out_dir`."""
+  checkpoint.ensure_writable(out_dir)
+  paths = {ext: os.path.join(out_dir, f"sweep.{ext}") for ext in ("md", "csv", "json", "png")}
+  with open(paths["md"], "w") as f:
+    f.write(markdown(report))
+  write_csv(report, paths["csv"])
+  checkpoint.write_json(paths["json"], to_json(report))
+  plot(report, paths["png"], overlay)
+  return paths
