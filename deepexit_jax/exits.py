@@ -69,6 +69,7 @@ the skipped layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -457,11 +458,17 @@ def _copy(model: DeepSupervisionTransformer, probe: Any, tokens_BT: Array,
   return run(threshold) if threshold.ndim == 0 else jax.vmap(run)(threshold)
 
 
-@nnx.jit(static_argnames=("opts", "static_probe"))
-def _predict_jit(model: DeepSupervisionTransformer, tokens_BT: Array, threshold: Array,
-                 targets_BT: Array | None, dynamic_probe: Any, *, opts: _Options,
-                 static_probe: Any) -> ExitResult:
-  probe = static_probe if dynamic_probe is None else dynamic_probe
+# The model travels as (graphdef, state) through a plain `jax.jit`, not `nnx.jit`: nothing
+# is written back to the caller's module, so this also works under an outer `jax.jit`.
+@functools.partial(jax.jit, static_argnames=("graphdef", "static_probe", "opts"))
+def _predict_jit(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: Array,
+                 threshold: Array, targets_BT: Array | None, dynamic_probe: Any, *,
+                 static_probe: Any, opts: _Options) -> ExitResult:
+  model = nnx.merge(graphdef, state)
+  if isinstance(static_probe, nnx.GraphDef):
+    probe = nnx.merge(static_probe, dynamic_probe)
+  else:
+    probe = static_probe if dynamic_probe is None else dynamic_probe
   engine = _oracle if opts.kv_policy == "oracle" else _copy
   return engine(model, probe, tokens_BT, threshold, targets_BT, opts)
 
@@ -593,15 +600,18 @@ def predict_with_exit(
     if not isinstance(probe_flops, (int, np.integer)) or probe_flops < 0:
       raise UserError(f"probe.flops_per_token must be an int >= 0, got {probe_flops!r}: "
                       "set it to the FLOPs one evaluation costs per token")
-    if isinstance(probe, nnx.Module) or not _is_hashable(probe):
-      dynamic_probe = probe
-    else:
+    if isinstance(probe, nnx.Module):
+      static_probe, dynamic_probe = nnx.split(probe)
+    elif _is_hashable(probe):
       static_probe = probe
+    else:  # An array pytree, e.g. a flax.struct.dataclass of weights.
+      dynamic_probe = probe
   opts = _Options(exit_layers=layers, measure=measure, kv_policy=kv_policy, routing=routing,
                   seq_quantile=float(seq_quantile), threshold_decay=float(threshold_decay),
                   probe_flops=int(probe_flops))
-  return _predict_jit(model, tokens_BT, threshold, targets_BT, dynamic_probe, opts=opts,
-                      static_probe=static_probe)
+  graphdef, state = nnx.split(model)
+  return _predict_jit(graphdef, state, tokens_BT, threshold, targets_BT, dynamic_probe,
+                      static_probe=static_probe, opts=opts)
 
 
 def _is_hashable(x: Any) -> bool:

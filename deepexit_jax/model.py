@@ -26,6 +26,13 @@ from deepexit_jax.errors import UserError
 
 Array = jax.Array
 
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -40,6 +47,10 @@ class ModelConfig:
     max_len: longest sequence the learned positional embedding supports.
     dropout: residual dropout rate during training, in [0, 1).
     tie_embeddings: if True the unembedding is the transposed input embedding.
+    remat: rematerialisation of each layer inside the scan, one of `REMAT_POLICIES`:
+      "none" stores every intermediate for the backward pass; "full" stores only
+      the layer inputs and recomputes the rest; "dots" keeps matmul outputs;
+      "dots_no_batch" keeps the weight matmuls but recomputes attention.
   """
 
   vocab_size: int
@@ -50,6 +61,7 @@ class ModelConfig:
   max_len: int = 128
   dropout: float = 0.0
   tie_embeddings: bool = False
+  remat: str = "none"
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "dim", "num_heads", "max_len"):
@@ -64,6 +76,8 @@ class ModelConfig:
       raise UserError(f"model.ffn_dim must be an integer >= 1 or None, got {self.ffn_dim!r}")
     if not 0.0 <= self.dropout < 1.0:
       raise UserError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise UserError(f"model.remat={self.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
 
   @property
   def ffn_width(self) -> int:
@@ -120,12 +134,12 @@ class Block(nnx.Module):
 
   def kv(self, h_BTD: Array) -> tuple[Array, Array]:
     """Keys and values [B, T, H, K] this layer computes from its input states."""
-    _, k_BTD, v_BTD = jnp.split(self.qkv(self.ln1(h_BTD)), 3, axis=-1)
-    return self._heads(k_BTD), self._heads(v_BTD)
+    b, t, d = h_BTD.shape
+    _, k_MD, v_MD = jnp.split(self.qkv(self.ln1(h_BTD.reshape(b * t, d))), 3, axis=-1)
+    return self._heads(k_MD, b, t), self._heads(v_MD, b, t)
 
-  def _heads(self, x_BTD: Array) -> Array:
-    b, t, d = x_BTD.shape
-    return x_BTD.reshape(b, t, self.num_heads, d // self.num_heads)
+  def _heads(self, x_MD: Array, b: int, t: int) -> Array:
+    return x_MD.reshape(b, t, self.num_heads, x_MD.shape[-1] // self.num_heads)
 
   def __call__(self, h_BTD: Array, key: Array | None = None) -> Array:
     """Applies the block causally over the whole sequence.
@@ -137,14 +151,38 @@ class Block(nnx.Module):
     Returns:
       The block's output hidden states [B, T, D].
     """
+    # Projections run on [B*T, D] matrices (M = B*T): XLA:CPU lowers 2-D dots, and
+    # their gradients, to fast GEMMs, while 3-D ones were ~3x slower in the backward.
+    b, t, d = h_BTD.shape
     keys = (None, None) if key is None else tuple(jax.random.split(key))
-    q_BTD, k_BTD, v_BTD = jnp.split(self.qkv(self.ln1(h_BTD)), 3, axis=-1)
-    att_BTHK = jax.nn.dot_product_attention(
-        self._heads(q_BTD), self._heads(k_BTD), self._heads(v_BTD), is_causal=True)
-    att_BTD = self.attn_out(att_BTHK.reshape(h_BTD.shape))
-    h_BTD = h_BTD + _dropout(att_BTD, self.dropout, keys[0])
-    mlp_BTD = self.fc2(jax.nn.gelu(self.fc1(self.ln2(h_BTD))))
-    return h_BTD + _dropout(mlp_BTD, self.dropout, keys[1])
+    h_MD = h_BTD.reshape(b * t, d)
+    q_MD, k_MD, v_MD = jnp.split(self.qkv(self.ln1(h_MD)), 3, axis=-1)
+    att_BTHK = causal_attention(
+        self._heads(q_MD, b, t), self._heads(k_MD, b, t), self._heads(v_MD, b, t))
+    att_MD = self.attn_out(att_BTHK.reshape(b * t, d))
+    h_MD = h_MD + _dropout(att_MD, self.dropout, keys[0])
+    mlp_MD = self.fc2(jax.nn.gelu(self.fc1(self.ln2(h_MD))))
+    return (h_MD + _dropout(mlp_MD, self.dropout, keys[1])).reshape(b, t, d)
+
+
+def causal_attention(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array,
+                     mask_BTS: Array | None = None) -> Array:
+  """Softmax attention of T queries over S keys; causal (query i sees keys <= i) by default.
+
+  Args:
+    q_BTHK: queries. k_BSHK, v_BSHK: keys and values.
+    mask_BTS: optional boolean mask replacing the causal one (e.g. a KV cache).
+
+  Returns:
+    [B, T, H, K] attention outputs.
+  """
+  t, s = q_BTHK.shape[1], k_BSHK.shape[1]
+  if mask_BTS is None:
+    mask_BTS = (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])[None]
+  scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK) / jnp.sqrt(
+      jnp.asarray(q_BTHK.shape[-1], q_BTHK.dtype))
+  scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, jnp.finfo(scores_BHTS.dtype).min)
+  return jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(scores_BHTS, axis=-1), v_BSHK)
 
 
 # body(layer_index, h_in_BTD, h_out_BTD, carry) -> (h_next_BTD, carry, per_layer_output)
@@ -184,10 +222,10 @@ class DeepSupervisionTransformer(nnx.Module):
 
   def head(self, h_BTD: Array) -> Array:
     """The shared exit head: final LayerNorm, then the unembedding, to logits."""
-    x_BTD = self.final_norm(h_BTD)
-    if self.unembed is None:
-      return self.embed.attend(x_BTD)
-    return self.unembed(x_BTD)
+    *lead, d = h_BTD.shape
+    x_MD = self.final_norm(h_BTD.reshape(-1, d))
+    logits_MV = self.embed.attend(x_MD) if self.unembed is None else self.unembed(x_MD)
+    return logits_MV.reshape(*lead, -1)
 
   def layer(self, index: int) -> Block:
     """Block `index` (0-based) as a stand-alone module (for loops and decoding)."""
@@ -229,6 +267,9 @@ class DeepSupervisionTransformer(nnx.Module):
       h_next, extra, out = body(i, h_in, h_out, extra)
       return (h_next, extra), out
 
+    policy = REMAT_POLICIES[self.config.remat]
+    if policy is not None:
+      step = jax.checkpoint(step, policy=policy, prevent_cse=False)
     xs = (state, jnp.arange(n), keys_N2)
     if use_scan:
       (h_BTD, carry), outs = jax.lax.scan(step, (h_BTD, carry), xs)

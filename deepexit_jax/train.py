@@ -88,12 +88,29 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
   return optax.chain(*parts)
 
 
-def layer_nll_fn(model: DeepSupervisionTransformer, targets_BT: jax.Array):
-  """Per-layer function for `model(...)`: each layer's per-token NLL [B, T].
+def layer_nll(model: DeepSupervisionTransformer, inputs_BT: jax.Array, targets_BT: jax.Array,
+              weights_N: np.ndarray | None = None,
+              dropout_rng: jax.Array | None = None) -> jax.Array:
+  """Every layer's per-token NLL [N, B, T] of `targets_BT`.
 
-  Computed inside the layer scan, so [N, B, T, V] logits are never stored.
+  The layer scan keeps only hidden states; the exit head then runs outside it as
+  one batched matmul per group of layers. With `weights_N` (static numpy), layers
+  of zero weight are computed under `stop_gradient`: still reported, but no
+  backward pass through their head.
   """
-  return lambda h_BTD: token_nll(model.head(h_BTD), targets_BT)
+  hidden_NBTD = model(inputs_BT, per_layer_fn=lambda h: None,
+                      dropout_rng=dropout_rng).hidden_NBTD
+  n = hidden_NBTD.shape[0]
+  trained = list(range(n)) if weights_N is None else [i for i in range(n) if weights_N[i] > 0]
+  frozen = [i for i in range(n) if i not in trained]
+  nll_NBT = [None] * n
+  for group, h_GBTD in ((trained, hidden_NBTD[np.asarray(trained, np.int32)]),
+                        (frozen, jax.lax.stop_gradient(hidden_NBTD[np.asarray(frozen, np.int32)]))):
+    if group:
+      nll_GBT = token_nll(model.head(h_GBTD), targets_BT[None])
+      for j, i in enumerate(group):
+        nll_NBT[i] = nll_GBT[j]
+  return jnp.stack(nll_NBT)
 
 
 class Trainer:
@@ -101,8 +118,7 @@ class Trainer:
 
   def __init__(self, config: ExperimentConfig, total_steps: int):
     self.config = config
-    self.weights_N = jnp.asarray(resolve_loss_weights(config.loss_weights,
-                                                      config.model.num_layers))
+    self.weights_np = resolve_loss_weights(config.loss_weights, config.model.num_layers)
     model = create_model(config.model, seed=config.train.seed)
     self.graphdef, params = nnx.split(model)
     self.tx = make_optimizer(config.train, total_steps)
@@ -114,8 +130,8 @@ class Trainer:
 
   def _loss(self, params, inputs_BT, targets_BT, mask_BT, key):
     model = nnx.merge(self.graphdef, params)
-    out = model(inputs_BT, per_layer_fn=layer_nll_fn(model, targets_BT), dropout_rng=key)
-    return deep_supervision_loss(out.per_layer, mask_BT, self.weights_N)
+    nll_NBT = layer_nll(model, inputs_BT, targets_BT, self.weights_np, dropout_rng=key)
+    return deep_supervision_loss(nll_NBT, mask_BT, jnp.asarray(self.weights_np))
 
   def _train_step(self, state: TrainState, inputs_BT, targets_BT):
     key = None
@@ -131,7 +147,7 @@ class Trainer:
 
   def _eval_step(self, params, inputs_BT, targets_BT, mask_BT):
     model = nnx.merge(self.graphdef, params)
-    nll_NBT = model(inputs_BT, per_layer_fn=layer_nll_fn(model, targets_BT)).per_layer
+    nll_NBT = layer_nll(model, inputs_BT, targets_BT)
     return jnp.sum(nll_NBT * mask_BT, axis=(1, 2)), jnp.sum(mask_BT)
 
   def evaluate(self, params, batches: data.EvalBatches) -> dict[str, Any]:
@@ -141,7 +157,7 @@ class Trainer:
       s_N, c = self.eval_step(params, batches.inputs[b], batches.targets[b], batches.mask[b])
       total_N, count = total_N + s_N, count + c
     nll = np.asarray(total_N) / float(count)
-    weighted = float(np.dot(np.asarray(self.weights_N), nll))
+    weighted = float(np.dot(self.weights_np, nll))
     return {"layer_nll": nll.tolist(), "layer_ppl": np.exp(nll).tolist(), "loss": weighted,
             "tokens": int(count)}
 
