@@ -9,6 +9,14 @@ from deepexit_jax.checkpoint import load_checkpoint, load_model, save_model
 from deepexit_jax.config import ExperimentConfig, TrainConfig
 from deepexit_jax.data import DataConfig, load_corpus, prepare_dataset
 from deepexit_jax.errors import UserError
+from deepexit_jax.exits import (
+    ConfidenceProbe,
+    ExitResult,
+    FlopCounter,
+    flops_per_token,
+    oracle_exit_layer,
+    predict_with_exit,
+)
 from deepexit_jax.losses import deep_supervision_loss, resolve_loss_weights
 from deepexit_jax.model import (
     DeepSupervisionTransformer,
@@ -17,12 +25,22 @@ from deepexit_jax.model import (
     all_layer_logits,
     create_model,
 )
+from deepexit_jax.sweep import SweepReport, SweepRow, run_sweep
 from deepexit_jax.tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer
 from deepexit_jax.train import train
 
 __all__ = [
     "ByteTokenizer",
     "CharTokenizer",
+    "ConfidenceProbe",
+    "ExitResult",
+    "FlopCounter",
+    "SweepReport",
+    "SweepRow",
+    "flops_per_token",
+    "oracle_exit_layer",
+    "predict_with_exit",
+    "run_sweep",
     "DataConfig",
     "DeepSupervisionTransformer",
     "ExperimentConfig",

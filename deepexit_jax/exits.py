@@ -34,7 +34,8 @@ Routing. `token`: each token decides alone. `sequence`: every token of a row exi
 the first exit layer where at least ceil(q T) of its T tokens are confident (q =
 `seq_quantile` in (0, 1]); equivalently the lower (1 - q)-quantile order statistic of
 the row's confidences (minus per-position thresholds) is >= 0. q = 1 means the minimum
-confidence must clear the threshold.
+confidence must clear the threshold. There is no padding mask: pad tokens vote in
+sequence routing and count in every mean.
 
 KV policies.
   oracle  Deeper layers see full-depth states of exited tokens: one full forward pass,
@@ -120,7 +121,8 @@ class ExitResult:
   """Outcome of early-exit inference; a vector threshold adds a leading S axis to all.
 
   Attributes:
-    logits: [B, T, V] float32 logits at each token's exit layer.
+    logits: [B, T, V] float32 logits at each token's exit layer (None when
+      `return_logits=False`).
     exit_layer: [B, T] int32 1-based layer each token exited at (N = full depth).
     confidence: [B, T] confidence at the exit layer, or at the last exit layer checked
       for tokens that ran to full depth (NaN if no exit layer lies below N).
@@ -134,7 +136,7 @@ class ExitResult:
     exit_layers: the exit layers checked (static; layers below N, ascending).
   """
 
-  logits: Array
+  logits: Array | None
   exit_layer: Array
   confidence: Array
   layers_fraction: Array
@@ -340,10 +342,17 @@ class _Options:
   seq_quantile: float
   threshold_decay: float
   probe_flops: int
+  return_logits: bool = True
+
+
+def _nll(logits_XBTV: Array, targets_BT: Array) -> Array:
+  logp_XBTV = jax.nn.log_softmax(logits_XBTV, -1)
+  targets_XBT1 = jnp.broadcast_to(targets_BT[..., None], logp_XBTV.shape[:-1] + (1,))
+  return -jnp.take_along_axis(logp_XBTV, targets_XBT1, -1)[..., 0]
 
 
 def _finish(config: ModelConfig, opts: _Options, threshold: Array, idx_BT: Array,
-            logits_BTV: Array, conf_BT: Array, targets_BT: Array | None) -> ExitResult:
+            logits_BTV: Array, conf_BT: Array, nll_BT: Array | None) -> ExitResult:
   """Builds the `ExitResult` from each token's candidate index (E = full depth)."""
   n, e = config.num_layers, len(opts.exit_layers)
   exit_layer_BT = jnp.asarray(opts.exit_layers + (n,), jnp.int32)[idx_BT]
@@ -359,10 +368,6 @@ def _finish(config: ModelConfig, opts: _Options, threshold: Array, idx_BT: Array
   exit_fraction_E = jnp.mean(
       (idx_BT[None] == jnp.arange(e, dtype=jnp.int32)[:, None, None]).astype(jnp.float32),
       axis=(1, 2))
-  nll_BT = None
-  if targets_BT is not None:
-    logp_BTV = jax.nn.log_softmax(logits_BTV, -1)
-    nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], -1)[..., 0]
   return ExitResult(
       logits=logits_BTV,
       exit_layer=exit_layer_BT,
@@ -393,6 +398,8 @@ def _oracle(model: DeepSupervisionTransformer, probe: Any, tokens_BT: Array,
                   out.hidden_NBTD[k - 1], jnp.int32(k))
       for j, k in enumerate(opts.exit_layers)
   ]) if e else jnp.zeros((0,) + tokens_BT.shape, jnp.float32)
+  # Per-layer NLL once, so each threshold only gathers [B, T] instead of re-normalising.
+  nll_LBT = None if targets_BT is None else _nll(logits_LBTV, targets_BT)
   need = math.ceil(round(opts.seq_quantile * seq_len, 6))
 
   def select(thr: Array) -> ExitResult:
@@ -403,7 +410,10 @@ def _oracle(model: DeepSupervisionTransformer, probe: Any, tokens_BT: Array,
       conf_BT = jnp.take_along_axis(conf_EBT, jnp.minimum(idx_BT, e - 1)[None], axis=0)[0]
     else:
       conf_BT = jnp.full(idx_BT.shape, jnp.nan, jnp.float32)
-    return _finish(config, opts, thr, idx_BT, logits_BTV, conf_BT, targets_BT)
+    nll_BT = None
+    if nll_LBT is not None:
+      nll_BT = jnp.take_along_axis(nll_LBT, idx_BT[None], axis=0)[0]
+    return _finish(config, opts, thr, idx_BT, logits_BTV, conf_BT, nll_BT)
 
   return select(threshold) if threshold.ndim == 0 else jax.vmap(select)(threshold)
 
@@ -453,7 +463,8 @@ def _copy(model: DeepSupervisionTransformer, probe: Any, tokens_BT: Array,
         h0_BTD, body, init)
     final_BTV = model.head(h_last_BTD).astype(jnp.float32)
     logits_BTV = jnp.where(exited_BT[..., None], logits_BTV, final_BTV)
-    return _finish(config, opts, thr, idx_BT, logits_BTV, conf_BT, targets_BT)
+    nll_BT = None if targets_BT is None else _nll(logits_BTV, targets_BT)
+    return _finish(config, opts, thr, idx_BT, logits_BTV, conf_BT, nll_BT)
 
   return run(threshold) if threshold.ndim == 0 else jax.vmap(run)(threshold)
 
@@ -470,7 +481,9 @@ def _predict_jit(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: Array,
   else:
     probe = static_probe if dynamic_probe is None else dynamic_probe
   engine = _oracle if opts.kv_policy == "oracle" else _copy
-  return engine(model, probe, tokens_BT, threshold, targets_BT, opts)
+  result = engine(model, probe, tokens_BT, threshold, targets_BT, opts)
+  # Without logits in the outputs XLA drops their per-threshold gather (sweeps).
+  return result if opts.return_logits else result.replace(logits=None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -504,10 +517,9 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def _check_threshold(threshold: Any, measure: str) -> Array:
-  """Rejects NaN (and negative, for [0,1]-type measures) concrete thresholds."""
-  if isinstance(threshold, jax.core.Tracer):
-    value = threshold
-  else:
+  """Rejects NaN (and negative, for [0,1]-type measures) thresholds, where concrete."""
+  # A traced threshold (under an outer jit) has no value to check; its shape is known.
+  if not isinstance(threshold, jax.core.Tracer):
     try:
       values = np.asarray(threshold, np.float64)
     except (TypeError, ValueError):
@@ -520,11 +532,19 @@ def _check_threshold(threshold: Any, measure: str) -> Array:
           f"threshold {values.min()} is negative, but measure={measure!r} confidences are "
           ">= 0 (state: a cosine >= 0 in practice): pass a threshold >= 0 (0 exits at the "
           "first exit layer)")
-    value = threshold
-  value = jnp.asarray(value, jnp.float32)
+  # Always float32, so a Python float, a NumPy scalar and a jax array share one compile.
+  value = jnp.asarray(threshold, jnp.float32)
   if value.ndim > 1:
     raise UserError(f"threshold must be a scalar or a 1-D array [S], got shape {value.shape}")
   return value
+
+
+def _is_hashable(x: Any) -> bool:
+  try:
+    hash(x)
+  except TypeError:
+    return False
+  return True
 
 
 def predict_with_exit(
@@ -540,6 +560,7 @@ def predict_with_exit(
     threshold_decay: float = 0.0,
     probe: ConfidenceProbe | None = None,
     targets: Array | None = None,
+    return_logits: bool = True,
 ) -> ExitResult:
   """Early-exit inference over whole sequences (semantics in the module docstring).
 
@@ -562,6 +583,8 @@ def predict_with_exit(
     probe: a `ConfidenceProbe`, required by (and only used with) measure "probe". An
       `nnx.Module` or array pytree is traced; any other probe must be hashable.
     targets: optional int [B, T] next-token ids; adds `nll` to the result.
+    return_logits: False leaves `logits` None and skips gathering them (sweeps only
+      need `nll` and the accounting; saves [S, B, T, V] memory).
 
   Returns:
     An `ExitResult`; with a 1-D threshold every field has a leading S axis.
@@ -608,15 +631,8 @@ def predict_with_exit(
       dynamic_probe = probe
   opts = _Options(exit_layers=layers, measure=measure, kv_policy=kv_policy, routing=routing,
                   seq_quantile=float(seq_quantile), threshold_decay=float(threshold_decay),
-                  probe_flops=int(probe_flops))
+                  probe_flops=int(probe_flops), return_logits=bool(return_logits))
   graphdef, state = nnx.split(model)
   return _predict_jit(graphdef, state, tokens_BT, threshold, targets_BT, dynamic_probe,
                       static_probe=static_probe, opts=opts)
 
-
-def _is_hashable(x: Any) -> bool:
-  try:
-    hash(x)
-  except TypeError:
-    return False
-  return True

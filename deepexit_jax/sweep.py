@@ -168,7 +168,7 @@ def sweep_thresholds(model: DeepSupervisionTransformer, batches: data.EvalBatche
     mask_BT = jnp.asarray(batches.mask[b])
     res = exits.predict_with_exit(
         model, batches.inputs[b], thr_S, exit_layers=exit_layers, measure=measure,
-        kv_policy=kv_policy, probe=probe, targets=batches.targets[b])
+        kv_policy=kv_policy, probe=probe, targets=batches.targets[b], return_logits=False)
     full_BT = _full_flops_BT(counter, mask_BT.shape)
     onehot_SBTE = res.exit_layer[..., None] == jnp.asarray(checked, jnp.int32)
     sums = jax.device_get({

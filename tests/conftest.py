@@ -1,12 +1,24 @@
 """Shared test setup: four CPU devices, a small real-English corpus and tiny configs."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must run before jax is imported anywhere, so sharded code runs on 4 host devices in
 # every test run (and in the binaries that tests start, which inherit the environment).
 _FLAG = "--xla_force_host_platform_device_count=4"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
+
+# A compilation cache for this session only: every `train()` call jits a fresh training
+# step, which XLA:CPU takes seconds to compile; runs with the same config (resume tests,
+# the binary's subprocess) then load the executable instead of compiling it again.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE_DIR = tempfile.mkdtemp(prefix="deepexit_jax_tests_xla_cache_")
+  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 
@@ -31,33 +43,36 @@ def corpus_file(tmp_path_factory) -> str:
   return str(path)
 
 
-def tiny_config_dict(corpus_path: str, **train) -> dict:
-  """A plain-dict experiment config: 2-layer dim-32 model on `corpus_path`, batch 8 x seq 32.
+@pytest.fixture(scope="session")
+def config_dict(corpus_file):
+  """Factory: a plain-dict experiment config training a tiny model on `corpus_file`.
 
-  Args:
-    corpus_path: the text file to train on (the last 10% validates).
-    **train: overrides of the `train` section (e.g. max_steps, eval_every).
-
-  Returns:
-    A dict for `ExperimentConfig.from_dict` (also valid as a config file's ConfigDict).
+  `config_dict(**train)` gives a 2-layer dim-32 model (dropout 0.1), batch 8 x seq 32,
+  40 steps evaluated every 8; keyword arguments override fields of the `train` section.
+  The dict is what `ExperimentConfig.from_dict` takes and what a config file may return.
   """
-  return {
-      "model": {"num_layers": 2, "dim": 32, "num_heads": 2, "ffn_dim": 64, "max_len": 32},
-      "data": {"dataset": "text_files", "train_file": corpus_path, "train_chars": None,
-               "val_chars": None, "seq_len": 32, "batch_size": 8},
-      "loss_weights": "1:0.5,2:0.5",
-      "exit_layers": [1],
-      "train": {"max_steps": 40, "learning_rate": 1e-2, "warmup_steps": 5, "eval_every": 20,
-                "log_every": 10, "seed": 0, **train},
-  }
+
+  def make(**train):
+    return {
+        "model": {"num_layers": 2, "dim": 32, "num_heads": 2, "ffn_dim": 64, "max_len": 32,
+                  "dropout": 0.1},
+        "data": {"dataset": "text_files", "train_file": corpus_file, "train_chars": None,
+                 "val_chars": None, "seq_len": 32, "batch_size": 8},
+        "loss_weights": "1:0.5,2:0.5",
+        "exit_layers": [1],
+        "train": {"max_steps": 40, "learning_rate": 1e-2, "warmup_steps": 5, "eval_every": 8,
+                  "log_every": 10, "seed": 0, **train},
+    }
+
+  return make
 
 
-@pytest.fixture
-def tiny_config(corpus_file):
-  """Factory: `tiny_config(**train_overrides)` -> validated `ExperimentConfig` on the corpus."""
+@pytest.fixture(scope="session")
+def tiny_config(config_dict):
+  """Factory: `tiny_config(**train)` -> the validated `ExperimentConfig` of `config_dict`."""
   from deepexit_jax.config import ExperimentConfig
 
   def make(**train):
-    return ExperimentConfig.from_dict(tiny_config_dict(corpus_file, **train))
+    return ExperimentConfig.from_dict(config_dict(**train))
 
   return make
