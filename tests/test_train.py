@@ -285,9 +285,6 @@ def test_load_model_without_model_json_is_refused(tmp_path, exists):
     checkpoint.load_model(str(directory))
 
 
-# Orbax's aborted reads leave un-awaited coroutines whose errors Python reports at
-# garbage collection; the refusal itself is what this test checks.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("changes", [
     {"dim": 64}, {"num_layers": 3}, {"vocab_size": 50}, {"tie_embeddings": True},
 ])

@@ -1,0 +1,197 @@
+"""Threshold sweeps: parsing, rows against a direct computation, reports and the binary."""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from deepexit_jax import data, report, sweep
+from deepexit_jax.checkpoint import load_checkpoint
+from deepexit_jax.config import ExperimentConfig
+from deepexit_jax.errors import UserError
+from deepexit_jax.exits import FlopCounter
+from deepexit_jax.model import all_layer_logits
+from deepexit_jax.train import train
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("0:1:0.1", [round(0.1 * i, 1) for i in range(11)]),
+    ("0.5,0.9", [0.5, 0.9]),
+    ("0.2:0.2:0.1", [0.2]),
+    ("inf", [math.inf]),
+])
+def test_parse_thresholds(spec, expected):
+  np.testing.assert_allclose(sweep.parse_thresholds(spec), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("0:1:0", "step"), ("a:b:c", "start:stop:step"), ("nan", "NaN"), ("0.5,-0.1", "negative"),
+    ("1:0:0.1", "no thresholds"),
+])
+def test_parse_thresholds_rejects_bad_input(spec, words):
+  with pytest.raises(UserError, match=words):
+    sweep.parse_thresholds(spec)
+
+
+@pytest.fixture(scope="module")
+def runs(config_dict, tmp_path_factory):
+  """A trained 2-layer early-exit model (exit at 1) and a 1-layer static baseline."""
+  root = tmp_path_factory.mktemp("sweep_runs")
+  ee = config_dict(max_steps=16, eval_every=8)
+  static = config_dict(max_steps=16, eval_every=8)
+  static["model"] = dict(static["model"], num_layers=1)
+  static.update(loss_weights="final", exit_layers=[1])
+  train(ExperimentConfig.from_dict(ee), str(root / "ee"))
+  train(ExperimentConfig.from_dict(static), str(root / "static1"))
+  return str(root / "ee"), str(root / "static1")
+
+
+@pytest.fixture(scope="module")
+def swept(runs):
+  ee, static = runs
+  return sweep.run_sweep(ee, np.array([0.0, 0.5, 1.0, np.inf], np.float32),
+                         kv_policies=("oracle", "copy"), static_dirs=[static])
+
+
+def _direct_layer_ppl(workdir: str, layer: int) -> float:
+  """PPL of one layer's exit over the run's validation text, computed without the engine."""
+  ckpt = load_checkpoint(workdir)
+  cfg = data.DataConfig.from_dict(ckpt.experiment["data"])
+  ds = data.prepare_dataset(cfg, tokenizer=ckpt.tokenizer)
+  b = data.eval_batches(ds.val_tokens, cfg.seq_len, cfg.batch_size)
+  total = 0.0
+  for i in range(b.num_batches):
+    logits = np.asarray(all_layer_logits(ckpt.model, b.inputs[i]))[layer - 1]
+    logits = logits - logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, b.targets[i][..., None], -1)[..., 0]
+    total += float((nll * b.mask[i]).sum())
+  return math.exp(total / b.num_targets)
+
+
+def test_sweep_rows_match_a_direct_computation(runs, swept):
+  ee, _ = runs
+  rows = {(r.kind, r.kv_policy, r.threshold): r for r in swept.rows}
+  full = rows[("full", "", None)]
+  assert full.flops_fraction == pytest.approx(1.0, abs=1e-6)
+  assert full.layers_fraction == 1.0 and full.shallow_exit == 0.0
+  np.testing.assert_allclose(full.ppl, _direct_layer_ppl(ee, 2), rtol=1e-4)
+  for policy in ("oracle", "copy"):
+    # Threshold 0: every token exits at layer 1 of 2, under both policies the layer-1 PPL.
+    zero = rows[("threshold", policy, 0.0)]
+    assert zero.shallow_exit == 1.0 and zero.layers_fraction == 0.5
+    np.testing.assert_allclose(zero.ppl, _direct_layer_ppl(ee, 1), rtol=1e-4)
+    # Never exiting equals full depth in PPL but pays for the layer-1 check.
+    never = rows[("threshold", policy, math.inf)]
+    np.testing.assert_allclose(never.ppl, full.ppl, rtol=1e-4)
+    assert never.shallow_exit == 0.0 and never.flops_fraction > 1.0
+  oracle_rows = [r for r in swept.rows if r.kind == "threshold" and r.kv_policy == "oracle"]
+  exits = [r.shallow_exit for r in sorted(oracle_rows, key=lambda r: r.threshold)]
+  assert exits == sorted(exits, reverse=True)
+  assert all(r.ppl_change == pytest.approx(r.ppl / full.ppl - 1) for r in swept.rows)
+
+
+def test_oracle_bound_exits_where_top1_agrees_with_the_last_layer(runs, swept):
+  ckpt = load_checkpoint(runs[0])
+  cfg = data.DataConfig.from_dict(ckpt.experiment["data"])
+  ds = data.prepare_dataset(cfg, tokenizer=ckpt.tokenizer)
+  b = data.eval_batches(ds.val_tokens, cfg.seq_len, cfg.batch_size)
+  agree = total = 0.0
+  for i in range(b.num_batches):
+    top = np.asarray(all_layer_logits(ckpt.model, b.inputs[i])).argmax(-1)
+    agree += float(((top[0] == top[1]) * b.mask[i]).sum())
+    total += float(b.mask[i].sum())
+  bound = next(r for r in swept.rows if r.kind == "oracle")
+  assert bound.shallow_exit == pytest.approx(agree / total, abs=1e-6)
+  assert bound.layers_fraction == pytest.approx(1 - 0.5 * agree / total, abs=1e-6)
+
+
+def test_static_baseline_is_costed_in_the_early_exit_models_units(runs, swept):
+  ee, static = runs
+  row = next(r for r in swept.rows if r.kind == "static")
+  assert row.depth == 1 and row.layers_fraction == 0.5
+  np.testing.assert_allclose(row.ppl, _direct_layer_ppl(static, 1), rtol=1e-4)
+  ee_cfg, st_cfg = load_checkpoint(ee).model.config, load_checkpoint(static).model.config
+  seq = ee_cfg.max_len
+  t = np.arange(seq)
+  # Every eval position is used equally often except the padded tail; the ratio of sums
+  # over positions 0..T-1 bounds it tightly for this text.
+  ratio = (FlopCounter.from_config(st_cfg).full_depth(t).sum()
+           / FlopCounter.from_config(ee_cfg).full_depth(t).sum())
+  assert row.flops_fraction == pytest.approx(ratio, rel=2e-2)
+  assert row.flops_fraction < 0.6
+
+
+def test_recommendations_and_pareto_front():
+  def row(thr, ppl, flops):
+    return sweep.SweepRow("threshold", f"{thr}", "oracle", thr, ppl, 0.0, (), flops, flops)
+
+  rows = sweep.with_ppl_change(
+      [row(0.0, 10.3, 0.5), row(0.5, 10.04, 0.6), row(0.8, 10.0, 0.8), row(0.9, 10.1, 0.9),
+       dataclasses.replace(row(math.inf, 10.0, 1.0), kind="full", threshold=None)], 10.0)
+  rec = sweep.recommend(rows)
+  assert rec["best_quality_at_lowest_compute"].threshold == 0.5  # +0.4% <= +0.5%
+  assert rec["max_efficiency"].threshold == 0.0
+  assert rec["full_depth"].kind == "full"
+  front = sweep.pareto_front(rows)
+  assert [r.threshold for r in front] == [0.0, 0.5, 0.8]  # 0.9 is dominated
+
+
+def test_write_report_writes_every_format(swept, tmp_path):
+  paths = report.write_report(swept, str(tmp_path / "out"), overlay=[("ref", 0.5, 14.5)])
+  assert sorted(os.path.basename(p) for p in paths.values()) == [
+      "sweep.csv", "sweep.json", "sweep.md", "sweep.png"]
+  with open(paths["json"]) as f:
+    js = json.load(f)
+  assert len(js["rows"]) == len(swept.rows)
+  assert js["metadata"]["params_sha256"] == swept.metadata["params_sha256"]
+  assert js["metadata"]["experiment"]["exit_layers"] == [1]
+  with open(paths["csv"]) as f:
+    assert len(list(csv.DictReader(f))) == len(swept.rows)
+  md = open(paths["md"]).read()
+  for words in ("KV policy `oracle`", "KV policy `copy`", "static 1-layer", "oracle bound",
+                "Shallow Exit %", "Recommended settings"):
+    assert words in md
+  assert os.path.getsize(paths["png"]) > 10_000
+
+
+def test_exit_layer_beyond_the_model_is_refused(runs):
+  with pytest.raises(UserError, match="exit"):
+    sweep.run_sweep(runs[0], np.array([0.5], np.float32), exit_layers=(3,))
+
+
+def test_static_baseline_with_another_vocabulary_is_refused(runs, swept, tmp_path):
+  other = dataclasses.replace(load_checkpoint(runs[1]).model.config, vocab_size=7)
+  from deepexit_jax.model import create_model
+  ckpt = load_checkpoint(runs[0])
+  cfg = data.DataConfig.from_dict(ckpt.experiment["data"])
+  ds = data.prepare_dataset(cfg, tokenizer=ckpt.tokenizer)
+  b = data.eval_batches(ds.val_tokens, cfg.seq_len, cfg.batch_size)
+  with pytest.raises(UserError, match="vocabulary"):
+    sweep.static_baseline(create_model(other), b, ckpt.model)
+
+
+def _sweep_binary(*args, cwd):
+  return subprocess.run([sys.executable, "-m", "deepexit_jax.sweep", *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_binary_sweeps_and_reports_bad_thresholds_in_one_line(runs, tmp_path):
+  ee, static = runs
+  bad = _sweep_binary(f"--checkpoint={ee}", "--thresholds=0.5,nan", cwd=tmp_path)
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1].startswith("error:")
+  assert "NaN" in bad.stderr and "Traceback" not in bad.stderr
+  missing = _sweep_binary(f"--checkpoint={tmp_path / 'nope'}", cwd=tmp_path)
+  assert missing.returncode == 2 and "not a deepexit checkpoint" in missing.stderr
+  ok = _sweep_binary(f"--checkpoint={ee}", "--thresholds=0,0.5", "--kv_policy=oracle",
+                     f"--static={static}", f"--out={tmp_path / 'o'}", cwd=tmp_path)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert "| Threshold | PPL | Shallow Exit %" in ok.stdout
+  assert os.path.exists(tmp_path / "o" / "sweep.png")
