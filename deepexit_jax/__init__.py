@@ -25,9 +25,20 @@ from deepexit_jax.model import (
     all_layer_logits,
     create_model,
 )
-from deepexit_jax.sweep import SweepReport, SweepRow, run_sweep
 from deepexit_jax.tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer
-from deepexit_jax.train import train
+
+# The binaries' modules (train, sweep) load on first use, so `python -m
+# deepexit_jax.train` does not find itself already imported by this package.
+_LAZY = {"train": "deepexit_jax.train", "run_sweep": "deepexit_jax.sweep",
+         "SweepReport": "deepexit_jax.sweep", "SweepRow": "deepexit_jax.sweep"}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'deepexit_jax' has no attribute {name!r}")
 
 __all__ = [
     "ByteTokenizer",

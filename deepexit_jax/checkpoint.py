@@ -39,7 +39,9 @@ def manager(path: str) -> ocp.CheckpointManager:
   """A synchronous manager keeping one step (the newest saved) under `path`."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=1, create=True, enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(path), options=options)
+  handlers = {"params": ocp.StandardCheckpointHandler(),
+              "opt_state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(os.path.abspath(path), options=options, item_handlers=handlers)
 
 
 def ensure_writable(directory: str) -> None:
@@ -139,6 +141,14 @@ def restore_params(mgr: ocp.CheckpointManager, step: int, target: Any, what: str
       checkpoint of another model config).
   """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  stored, wanted = _shapes(mgr.item_metadata(step)["params"]), _shapes(abstract)
+  if stored != wanted:
+    diff = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+    first = diff[0]
+    raise UserError(
+        f"{what} does not match its model config ({first}: stored {stored.get(first)}, "
+        f"config wants {wanted.get(first)}): the checkpoint belongs to another model; "
+        "use the directory it was trained in")
   try:
     return mgr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract), **extra))
@@ -147,6 +157,15 @@ def restore_params(mgr: ocp.CheckpointManager, step: int, target: Any, what: str
     raise UserError(
         f"{what} does not match its model config ({first}): the checkpoint belongs to "
         "another model; use the directory it was trained in") from None
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  # nnx.State is stored with a trailing "value" key per Variable; compare without it.
+  if isinstance(tree, nnx.State):
+    tree = tree.to_pure_dict()
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves]
+  return {n.removesuffix("/value"): tuple(x.shape) for n, (_, x) in zip(names, leaves)}
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 import jax
-from absl import app, logging
+from absl import app, flags, logging
 
 from deepexit_jax.errors import UserError
 
@@ -24,7 +24,19 @@ def run_main(main: Callable[[Sequence[str]], None]) -> None:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
 
-  app.run(guarded)
+  app.run(guarded, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with errors (including ml_collections' --config.x ones) as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+  except (AttributeError, KeyError) as e:  # An override of a field the config does not have.
+    print(f"error: a --config.* flag names a field the config does not have ({e}): check "
+          "its spelling against the config file", file=sys.stderr)
+  sys.exit(2)
 
 
 class _OwnRecordsOnly:

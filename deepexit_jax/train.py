@@ -179,6 +179,14 @@ def _format_ppl(layer_ppl: Sequence[float]) -> str:
   return " ".join(f"L{i + 1} {p:.2f}" for i, p in enumerate(layer_ppl))
 
 
+def _diverged(what: str, value: float, step: int, latest: ocp.CheckpointManager,
+              latest_dir: str) -> TrainingDiverged:
+  return TrainingDiverged(
+      f"{what} became {value} at step {step}; kept the last good checkpoint (step "
+      f"{latest.latest_step()}) in {latest_dir}: lower train.learning_rate or raise "
+      "train.warmup_steps, then --resume")
+
+
 def _append_jsonl(path: str, record: dict[str, Any]) -> None:
   with open(path, "a") as f:
     f.write(json.dumps(record) + "\n")
@@ -280,11 +288,7 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
     if step % config.train.log_every == 0 or is_eval or step == end:
       loss = float(metrics["loss"])
       if not math.isfinite(loss):
-        kept = latest.latest_step()
-        raise TrainingDiverged(
-            f"loss became {loss} at step {step}; kept the last good checkpoint "
-            f"(step {kept}) in {latest_dir}: lower train.learning_rate or raise "
-            "train.warmup_steps, then --resume")
+        raise _diverged("loss", loss, step, latest, latest_dir)
       now = time.perf_counter()
       rate = (step - window_step) * tokens_per_step / max(now - window_start, 1e-9)
       eta = (end - step) * (now - run_start) / max(step - run_start_step, 1)
@@ -298,6 +302,8 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
     if is_eval:
       record = trainer.evaluate(state.params, eval_batches)
       record.update(step=step, epoch=step / steps_per_epoch, selection_layer=sel)
+      if not math.isfinite(record["loss"]):
+        raise _diverged("validation loss", record["loss"], step, latest, latest_dir)
       history.append(record)
       _append_jsonl(metrics_path, {"kind": "eval", **record})
       improved = not best or record["layer_ppl"][sel - 1] < best["layer_ppl"][sel - 1]
@@ -334,7 +340,11 @@ def run() -> None:
     if not workdir_flag.value:
       raise UserError("--workdir is required: the directory for checkpoints and metrics")
     cli.log_devices()
-    result = train(ExperimentConfig.from_dict(config_flag.value), workdir_flag.value,
+    try:
+      experiment = ExperimentConfig.from_dict(config_flag.value)
+    except OSError as e:  # config_flags reports an unloadable --config file only when used.
+      raise UserError(f"cannot load --config: {' '.join(str(e).split())}") from None
+    result = train(experiment, workdir_flag.value,
                    resume=resume_flag.value)
     best = result.best
     print(f"best validation PPL by layer (step {best['step']}): "

@@ -22,18 +22,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import pytest  # noqa: E402
 
-
-def pytest_configure(config):
-  # Restoring a checkpoint into the wrong shapes (test_train checks the UserError) makes
-  # orbax abandon reads in its background event loop; Python reports those coroutines
-  # whenever they are collected, often after the test, where a mark cannot filter them.
-  for line in (
-      "ignore:Exception ignored in. <coroutine object _read_array_index_and_device_put"
-      ":pytest.PytestUnraisableExceptionWarning",
-      "ignore:coroutine 'Store._get_array_metadatas' was never awaited:RuntimeWarning",
-  ):
-    config.addinivalue_line("filterwarnings", line)
-
 # About 40k characters: enough for a few dozen steps of batch 8 x seq 32 plus a
 # validation tail, small enough that an evaluation takes a fraction of a second.
 CORPUS_CHARS = 40_000

@@ -60,15 +60,13 @@ def _eval_records(wd: str) -> list[dict]:
 
 
 def _side_by_side(result: sweep.SweepReport, ref: list[dict]) -> list[str]:
-  rows = {r.threshold: r for r in result.rows if r.kind == "threshold"}
+  rows = [r for r in result.rows if r.kind == "threshold"]
   lines = ["| Threshold | ref PPL | ref Shallow Exit | ref Compute | ours PPL (oracle) | "
            "ours Shallow Exit | ours Compute (layers) | ours FLOPs | ours PPL (copy) | "
            "ours FLOPs (copy) |", "|" + "---|" * 10]
   for p in ref:
-    o = next((r for t, r in rows.items() if r.kv_policy == "oracle"
-              and abs(t - p["threshold"]) < 1e-6), None)
-    c = next((r for t, r in rows.items() if r.kv_policy == "copy"
-              and abs(t - p["threshold"]) < 1e-6), None)
+    o, c = (next(r for r in rows if r.kv_policy == policy
+                  and abs(r.threshold - p["threshold"]) < 1e-6) for policy in ("oracle", "copy"))
     lines.append(
         f"| {p['threshold']:.1f} | {p['ppl']:.2f} | {100 * p['shallow_exit']:.1f}% | "
         f"{100 * p['compute']:.1f}% | {o.ppl:.2f} | {100 * o.shallow_exit:.1f}% | "
