@@ -81,6 +81,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepexit_jax import xla_options
 from deepexit_jax.errors import UserError
 from deepexit_jax.model import DeepSupervisionTransformer, ModelConfig
 
@@ -471,8 +472,7 @@ def _copy(model: DeepSupervisionTransformer, probe: Any, tokens_BT: Array,
 
 # The model travels as (graphdef, state) through a plain `jax.jit`, not `nnx.jit`: nothing
 # is written back to the caller's module, so this also works under an outer `jax.jit`.
-@functools.partial(jax.jit, static_argnames=("graphdef", "static_probe", "opts"))
-def _predict_jit(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: Array,
+def _predict(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: Array,
                  threshold: Array, targets_BT: Array | None, dynamic_probe: Any, *,
                  static_probe: Any, opts: _Options) -> ExitResult:
   model = nnx.merge(graphdef, state)
@@ -484,6 +484,15 @@ def _predict_jit(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: Array,
   result = engine(model, probe, tokens_BT, threshold, targets_BT, opts)
   # Without logits in the outputs XLA drops their per-threshold gather (sweeps).
   return result if opts.return_logits else result.replace(logits=None)
+
+
+@functools.cache
+def _predict_jit(nested: bool):
+  # Built at first use: the compiler options depend on the backend, unknown at import.
+  # Under a caller's jit (nested) XLA accepts no per-function compiler options.
+  static = ("graphdef", "static_probe", "opts")
+  return jax.jit(_predict, static_argnames=static) if nested else xla_options.jit(
+      _predict, static_argnames=static)
 
 
 # ----------------------------------------------------------------------------------------
@@ -633,6 +642,8 @@ def predict_with_exit(
                   seq_quantile=float(seq_quantile), threshold_decay=float(threshold_decay),
                   probe_flops=int(probe_flops), return_logits=bool(return_logits))
   graphdef, state = nnx.split(model)
-  return _predict_jit(graphdef, state, tokens_BT, threshold, targets_BT, dynamic_probe,
+  nested = any(isinstance(x, jax.core.Tracer)
+               for x in jax.tree.leaves((state, tokens_BT, threshold, targets_BT, dynamic_probe)))
+  return _predict_jit(nested)(graphdef, state, tokens_BT, threshold, targets_BT, dynamic_probe,
                       static_probe=static_probe, opts=opts)
 

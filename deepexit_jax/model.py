@@ -51,6 +51,8 @@ class ModelConfig:
       "none" stores every intermediate for the backward pass; "full" stores only
       the layer inputs and recomputes the rest; "dots" keeps matmul outputs;
       "dots_no_batch" keeps the weight matmuls but recomputes attention.
+    attention_chunks: causal attention in this many query blocks, each computing
+      only the scores it can see (see `causal_attention`); 1 = one T x T block.
   """
 
   vocab_size: int
@@ -62,9 +64,10 @@ class ModelConfig:
   dropout: float = 0.0
   tie_embeddings: bool = False
   remat: str = "none"
+  attention_chunks: int = 2
 
   def __post_init__(self):
-    for name in ("vocab_size", "num_layers", "dim", "num_heads", "max_len"):
+    for name in ("vocab_size", "num_layers", "dim", "num_heads", "max_len", "attention_chunks"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise UserError(f"model.{name} must be an integer >= 1, got {value!r}")
@@ -125,6 +128,7 @@ class Block(nnx.Module):
     out_init = nnx.initializers.normal(0.02 / (2 * config.num_layers) ** 0.5)
     self.num_heads = config.num_heads
     self.dropout = config.dropout
+    self.attention_chunks = config.attention_chunks
     self.ln1 = nnx.LayerNorm(d, rngs=rngs)
     self.qkv = nnx.Linear(d, 3 * d, kernel_init=init, rngs=rngs)
     self.attn_out = nnx.Linear(d, d, kernel_init=out_init, rngs=rngs)
@@ -158,7 +162,8 @@ class Block(nnx.Module):
     h_MD = h_BTD.reshape(b * t, d)
     q_MD, k_MD, v_MD = jnp.split(self.qkv(self.ln1(h_MD)), 3, axis=-1)
     att_BTHK = causal_attention(
-        self._heads(q_MD, b, t), self._heads(k_MD, b, t), self._heads(v_MD, b, t))
+        self._heads(q_MD, b, t), self._heads(k_MD, b, t), self._heads(v_MD, b, t),
+        chunks=self.attention_chunks)
     att_MD = self.attn_out(att_BTHK.reshape(b * t, d))
     h_MD = h_MD + _dropout(att_MD, self.dropout, keys[0])
     mlp_MD = self.fc2(jax.nn.gelu(self.fc1(self.ln2(h_MD))))
@@ -166,19 +171,36 @@ class Block(nnx.Module):
 
 
 def causal_attention(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array,
-                     mask_BTS: Array | None = None) -> Array:
+                     mask_BTS: Array | None = None, chunks: int = 1) -> Array:
   """Softmax attention of T queries over S keys; causal (query i sees keys <= i) by default.
 
   Args:
     q_BTHK: queries. k_BSHK, v_BSHK: keys and values.
     mask_BTS: optional boolean mask replacing the causal one (e.g. a KV cache).
+    chunks: causal attention only: split the queries into this many blocks, each
+      attending only to the keys it can see, which skips most masked scores (about
+      a quarter of the attention work for 2 blocks). Same outputs up to float
+      rounding.
 
   Returns:
     [B, T, H, K] attention outputs.
   """
-  t, s = q_BTHK.shape[1], k_BSHK.shape[1]
-  if mask_BTS is None:
-    mask_BTS = (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])[None]
+  t = q_BTHK.shape[1]
+  if mask_BTS is not None or chunks <= 1 or t < 2 * chunks:
+    mask_BTS = _causal_mask(0, t, k_BSHK.shape[1]) if mask_BTS is None else mask_BTS
+    return _attend(q_BTHK, k_BSHK, v_BSHK, mask_BTS)
+  bounds = [round(i * t / chunks) for i in range(chunks + 1)]
+  return jnp.concatenate([
+      _attend(q_BTHK[:, lo:hi], k_BSHK[:, :hi], v_BSHK[:, :hi], _causal_mask(lo, hi, hi))
+      for lo, hi in zip(bounds[:-1], bounds[1:])], axis=1)
+
+
+def _causal_mask(lo: int, hi: int, s: int) -> Array:
+  """[1, hi - lo, s] mask: query at position lo + i sees keys 0..lo + i."""
+  return (jnp.arange(lo, hi)[:, None] >= jnp.arange(s)[None, :])[None]
+
+
+def _attend(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, mask_BTS: Array) -> Array:
   scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK) / jnp.sqrt(
       jnp.asarray(q_BTHK.shape[-1], q_BTHK.dtype))
   scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, jnp.finfo(scores_BHTS.dtype).min)

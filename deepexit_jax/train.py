@@ -26,7 +26,7 @@ from absl import flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from deepexit_jax import checkpoint, cli, data, tokenizers
+from deepexit_jax import checkpoint, cli, data, tokenizers, xla_options
 from deepexit_jax.config import ExperimentConfig, TrainConfig
 from deepexit_jax.errors import UserError
 from deepexit_jax.losses import deep_supervision_loss, resolve_loss_weights, token_nll
@@ -125,8 +125,8 @@ class Trainer:
     self.initial_state = TrainState(params=params, opt_state=self.tx.init(params),
                                     step=jnp.zeros((), jnp.int32))
     self.dropout_key = jax.random.PRNGKey(config.train.seed + 1)
-    self.train_step = jax.jit(self._train_step, donate_argnums=0)
-    self.eval_step = jax.jit(self._eval_step)
+    self.train_step = xla_options.jit(self._train_step, donate_argnums=0)
+    self.eval_step = xla_options.jit(self._eval_step)
 
   def _loss(self, params, inputs_BT, targets_BT, mask_BT, key):
     model = nnx.merge(self.graphdef, params)

@@ -411,7 +411,7 @@ def test_no_recompilation_across_thresholds():
 
   def listener(event, duration, **kwargs):
     del duration
-    if "compile" in event and "_predict_jit" in kwargs.get("fun_name", ""):
+    if "compile" in event and "_predict" in kwargs.get("fun_name", ""):
       events.append(event)
 
   jax.monitoring.register_event_duration_secs_listener(listener)

@@ -12,12 +12,13 @@ from flax import nnx
 
 from deepexit_jax.errors import UserError
 from deepexit_jax.model import (
-    DeepSupervisionTransformer,
-    ModelConfig,
-    ModelOutput,
-    all_layer_logits,
-    count_params,
-    create_model,
+  DeepSupervisionTransformer,
+  ModelConfig,
+  ModelOutput,
+  all_layer_logits,
+  causal_attention,
+  count_params,
+  create_model,
 )
 
 CONFIG = ModelConfig(vocab_size=19, num_layers=3, dim=16, num_heads=2, ffn_dim=24, max_len=16)
@@ -293,3 +294,19 @@ def test_data_parallel_forward_matches_single_device():
   out = forward(state, sharded)
   assert len(out.sharding.device_set) == 4
   chex.assert_trees_all_close(out, forward(state, tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("t, chunks", [(16, 2), (17, 3), (32, 4), (3, 4)])
+def test_chunked_causal_attention_equals_one_block(t, chunks):
+  keys = jax.random.split(jax.random.PRNGKey(t), 3)
+  q, k, v = (jax.random.normal(key, (2, t, 2, 8)) for key in keys)
+  chex.assert_trees_all_close(causal_attention(q, k, v, chunks=chunks),
+                              causal_attention(q, k, v), atol=1e-5)
+
+
+def test_xla_options_are_used_only_where_the_backend_accepts_them():
+  from deepexit_jax import xla_options
+  opts = xla_options.compiler_options()
+  assert opts in ({}, xla_options.CPU_OPTIONS)
+  f = xla_options.jit(lambda x: x * 2)
+  np.testing.assert_array_equal(f(jnp.arange(3)), [0, 2, 4])

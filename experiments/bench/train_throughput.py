@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from deepexit_jax import data
+from deepexit_jax import data, xla_options
 from deepexit_jax.config import ExperimentConfig
 from deepexit_jax.train import Trainer
 
@@ -92,10 +92,10 @@ def main(argv):
   # Breakdown of one step's parts, each timed alone.
   params = state.params
   mask = jnp.ones(inputs.shape, jnp.float32)
-  fwd = jax.jit(lambda p, x, y: trainer._loss(p, x, y, mask, None)[0])
-  fwd_bwd = jax.jit(jax.grad(lambda p, x, y: trainer._loss(p, x, y, mask, None)[0]))
+  fwd = xla_options.jit(lambda p, x, y: trainer._loss(p, x, y, mask, None)[0])
+  fwd_bwd = xla_options.jit(jax.grad(lambda p, x, y: trainer._loss(p, x, y, mask, None)[0]))
   grads = fwd_bwd(params, inputs, targets)
-  opt = jax.jit(lambda g, o, p: trainer.tx.update(g, o, p))
+  opt = xla_options.jit(lambda g, o, p: trainer.tx.update(g, o, p))
   noop = jax.jit(lambda x: x + 1)
   parts = {
       "data_ms": 1e3 * _time(batches.batch, 7, repeats=50),
