@@ -115,7 +115,7 @@ def plot(report: SweepReport, path: str,
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
   for ax, key, name in ((axes[0], "layers_fraction", "layers run / N"),
                         (axes[1], "flops_fraction", "FLOPs / full-depth FLOPs")):
     for policy, color in (("oracle", "tab:blue"), ("copy", "tab:orange")):
@@ -135,8 +135,13 @@ def plot(report: SweepReport, path: str,
       marker = {"full": "*", "oracle": "D", "static": "s"}[r.kind]
       ax.plot(100 * getattr(r, key), r.ppl, marker, ms=10, label=r.label)
     if key == "layers_fraction" and overlay:
-      ax.plot([100 * x for _, x, _ in overlay], [p for _, _, p in overlay], "x--",
-              color="gray", label="reference notes")
+      # Its own axis: another run's PPL level would flatten this run's curve.
+      twin = ax.twinx()
+      twin.plot([100 * x for _, x, _ in overlay], [p for _, _, p in overlay], "x--",
+                color="gray", label="overlay (right axis)")
+      twin.set_ylabel("overlay PPL (right axis)", color="gray")
+      twin.tick_params(axis="y", colors="gray")
+      ax.plot([], [], "x--", color="gray", label="overlay (right axis)")
     ax.set_xlabel(f"compute: {name} (%)")
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("validation PPL")

@@ -335,10 +335,9 @@ def run_sweep(checkpoint_dir: str, thresholds: np.ndarray, *,
     rows.append(static_baseline(static.model, batches, model))
   rows = with_ppl_change(rows, full.ppl)
   metadata = {
-      "checkpoint": ckpt.path, "step": ckpt.step, "params_sha256": params_digest(model),
+      "checkpoint": checkpoint_dir, "checkpoint_abspath": ckpt.path, "step": ckpt.step, "params_sha256": params_digest(model),
       "model": model.config.to_dict(), "experiment": ckpt.experiment,
-      "data": dataset.corpus.description, "static_checkpoints": [os.path.abspath(d)
-                                                                for d in static_dirs],
+      "data": dataset.corpus.description, "static_checkpoints": list(static_dirs),
       "thresholds": [float(t) for t in thresholds], "kv_policies": list(kv_policies),
       "tolerance": PPL_TOLERANCE,
   }
