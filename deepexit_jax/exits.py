@@ -189,9 +189,21 @@ _LOGIT_MEASURE_FNS = {
 }
 
 
+def _confidence_from_logp(measure: str, logp_BTV: Array) -> Array:
+  """The logit measures from log-probabilities, which need no second normalisation."""
+  if measure == "softmax":
+    return jnp.exp(jnp.max(logp_BTV, -1))
+  if measure == "margin":
+    p_BT2 = jnp.exp(jax.lax.top_k(logp_BTV, 2)[0])
+    return p_BT2[..., 0] - p_BT2[..., 1]
+  return jnp.sum(jnp.exp(logp_BTV) * logp_BTV, -1)
+
+
 def _confidence(measure: str, probe: Any, logits_BTV: Array | None, h_in_BTD: Array,
-                h_out_BTD: Array, layer: Array) -> Array:
+                h_out_BTD: Array, layer: Array, logp_BTV: Array | None = None) -> Array:
   if measure in _LOGIT_MEASURES:
+    if logp_BTV is not None:
+      return _confidence_from_logp(measure, logp_BTV)
     return _LOGIT_MEASURE_FNS[measure](logits_BTV)
   if measure == "state":
     return state_confidence(h_in_BTD, h_out_BTD)
@@ -346,8 +358,8 @@ class _Options:
   return_logits: bool = True
 
 
-def _nll(logits_XBTV: Array, targets_BT: Array) -> Array:
-  logp_XBTV = jax.nn.log_softmax(logits_XBTV, -1)
+def _nll(logits_XBTV: Array, targets_BT: Array, normalized: bool = False) -> Array:
+  logp_XBTV = logits_XBTV if normalized else jax.nn.log_softmax(logits_XBTV, -1)
   targets_XBT1 = jnp.broadcast_to(targets_BT[..., None], logp_XBTV.shape[:-1] + (1,))
   return -jnp.take_along_axis(logp_XBTV, targets_XBT1, -1)[..., 0]
 
@@ -394,13 +406,15 @@ def _oracle(model: DeepSupervisionTransformer, probe: Any, tokens_BT: Array,
   logits_LBTV = jnp.stack(
       [model.head(out.hidden_NBTD[k - 1]) for k in opts.exit_layers + (n,)]
   ).astype(jnp.float32)
+  # Normalised once per candidate layer: the confidence and the NLL both read it, and
+  # each threshold then only gathers [B, T] values.
+  logp_LBTV = jax.nn.log_softmax(logits_LBTV, -1)
   conf_EBT = jnp.stack([
       _confidence(opts.measure, probe, logits_LBTV[j], h_in_NBTD[k - 1],
-                  out.hidden_NBTD[k - 1], jnp.int32(k))
+                  out.hidden_NBTD[k - 1], jnp.int32(k), logp_BTV=logp_LBTV[j])
       for j, k in enumerate(opts.exit_layers)
   ]) if e else jnp.zeros((0,) + tokens_BT.shape, jnp.float32)
-  # Per-layer NLL once, so each threshold only gathers [B, T] instead of re-normalising.
-  nll_LBT = None if targets_BT is None else _nll(logits_LBTV, targets_BT)
+  nll_LBT = None if targets_BT is None else _nll(logp_LBTV, targets_BT, normalized=True)
   need = math.ceil(round(opts.seq_quantile * seq_len, 6))
 
   def select(thr: Array) -> ExitResult:

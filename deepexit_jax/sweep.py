@@ -20,6 +20,7 @@ static-depth baselines (separately trained shallower models).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -136,9 +137,19 @@ class _Totals:
     return out
 
 
-def _full_flops_BT(counter: exits.FlopCounter, shape: tuple[int, int]) -> jax.Array:
-  t_BT = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.float32), shape)
-  return counter.full_depth(t_BT)
+@functools.partial(jax.jit, static_argnames=("counter", "checked"))
+def _masked_sums(res: exits.ExitResult, mask_BT: jax.Array, counter: exits.FlopCounter,
+                 checked: tuple[int, ...]) -> dict[str, jax.Array]:
+  """One batch's contribution to `_Totals`, in one dispatch."""
+  t_BT = jnp.broadcast_to(jnp.arange(mask_BT.shape[1], dtype=jnp.float32), mask_BT.shape)
+  full_BT = counter.full_depth(t_BT)
+  onehot_SBTE = res.exit_layer[..., None] == jnp.asarray(checked, jnp.int32)
+  return {
+      "nll": jnp.sum(res.nll * mask_BT, (1, 2)),
+      "layers": jnp.sum(res.exit_layer * mask_BT, (1, 2)),
+      "flops": jnp.sum(res.flops_fraction * full_BT * mask_BT, (1, 2)),
+      "exits": jnp.sum(onehot_SBTE * mask_BT[..., None], (1, 2)),
+      "full": jnp.sum(full_BT * mask_BT), "count": jnp.sum(mask_BT)}
 
 
 def sweep_thresholds(model: DeepSupervisionTransformer, batches: data.EvalBatches,
@@ -169,14 +180,7 @@ def sweep_thresholds(model: DeepSupervisionTransformer, batches: data.EvalBatche
     res = exits.predict_with_exit(
         model, batches.inputs[b], thr_S, exit_layers=exit_layers, measure=measure,
         kv_policy=kv_policy, probe=probe, targets=batches.targets[b], return_logits=False)
-    full_BT = _full_flops_BT(counter, mask_BT.shape)
-    onehot_SBTE = res.exit_layer[..., None] == jnp.asarray(checked, jnp.int32)
-    sums = jax.device_get({
-        "nll": jnp.sum(res.nll * mask_BT, (1, 2)),
-        "layers": jnp.sum(res.exit_layer * mask_BT, (1, 2)),
-        "flops": jnp.sum(res.flops_fraction * full_BT * mask_BT, (1, 2)),
-        "exits": jnp.sum(onehot_SBTE * mask_BT[..., None], (1, 2)),
-        "full": jnp.sum(full_BT * mask_BT), "count": jnp.sum(mask_BT)})
+    sums = jax.device_get(_masked_sums(res, mask_BT, counter, checked))
     tot.nll += sums["nll"]
     tot.layers += sums["layers"]
     tot.flops += sums["flops"]

@@ -24,13 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from deepexit_jax import data, sweep
+from deepexit_jax import data, sweep, xla_options
 from deepexit_jax.losses import token_nll
 from deepexit_jax.model import ModelConfig, create_model
 
 _THRESHOLDS = flags.DEFINE_integer("thresholds", 11, "Number of thresholds in [0, 1].")
 _TOKENS = flags.DEFINE_integer("tokens", 50_000, "Validation tokens.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median).")
+_REPEATS = flags.DEFINE_integer("repeats", 9, "Timed repetitions (median).")
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -52,7 +52,7 @@ def main(argv):
   batches = data.eval_batches(tokens, 128, 32)
   thresholds = np.linspace(0.0, 1.0, _THRESHOLDS.value).astype(np.float32)
 
-  @jax.jit
+  @xla_options.jit  # As training's evaluation step, with the same compiler options.
   def eval_batch(inputs_BT, targets_BT, mask_BT):
     out = model(inputs_BT, per_layer_fn=lambda h: None)
     return jnp.sum(token_nll(model.head(out.hidden_NBTD[-1]), targets_BT) * mask_BT)
