@@ -5,7 +5,14 @@
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 WORKDIR="${1:-runs/demo-$(date +%Y%m%d-%H%M%S)}"
 deepexit-train --config=experiments/configs/demo.py --workdir="$WORKDIR" --alsologtostderr
-if command -v deepexit-sweep >/dev/null; then
-  deepexit-sweep --checkpoint="$WORKDIR" --thresholds=0:1:0.1 --out="$WORKDIR/sweep"
-  cat "$WORKDIR/sweep/sweep.md"
-fi
+deepexit-sweep --checkpoint="$WORKDIR" --thresholds=0:1:0.1 --out="$WORKDIR/sweep"
+cat <<'LEGEND'
+
+How to read this: each row is a confidence threshold. A token stops at layer 2
+when its top next-character probability there is >= the threshold, else it runs
+all 4 layers. PPL is validation perplexity (lower is better); Shallow Exit % is
+the share of tokens that stopped at layer 2; Compute % is mean layers run / 4;
+FLOPs % also counts the exit check. "oracle" lets later tokens see full-depth
+states of exited tokens (optimistic); "copy" is what a real decoder can do.
+The plot is sweep.png beside the tables. Real experiments: README.md.
+LEGEND
