@@ -195,3 +195,39 @@ def test_binary_sweeps_and_reports_bad_thresholds_in_one_line(runs, tmp_path):
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert "| Threshold | PPL | Shallow Exit %" in ok.stdout
   assert os.path.exists(tmp_path / "o" / "sweep.png")
+
+
+def _scans(jaxpr) -> list:
+  """Every `scan` equation in a jaxpr, searching nested jaxprs (jit, vmap bodies, cond)."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      found.append(eqn)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, tuple | list) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          found += _scans(inner)
+  return found
+
+
+@pytest.mark.parametrize("policy, thresholds_axis", [("oracle", False), ("copy", True)])
+def test_oracle_sweep_runs_one_forward_pass_for_all_thresholds(policy, thresholds_axis):
+  import jax
+  import jax.numpy as jnp
+
+  from deepexit_jax.exits import predict_with_exit
+  from deepexit_jax.model import ModelConfig, create_model
+
+  model = create_model(ModelConfig(vocab_size=11, num_layers=3, dim=8, num_heads=2,
+                                   max_len=8))
+  tokens = jnp.zeros((2, 8), jnp.int32)
+  thr_S = jnp.linspace(0.0, 1.0, 5)
+  jaxpr = jax.make_jaxpr(lambda thr: predict_with_exit(
+      model, tokens, thr, exit_layers=(1, 2), kv_policy=policy, targets=tokens).nll)(thr_S)
+  scans = _scans(jaxpr.jaxpr)
+  # One layer scan in the whole computation, whatever the number of thresholds...
+  assert len(scans) == 1
+  carry_shapes = [v.aval.shape for v in scans[0].invars if hasattr(v.aval, "shape")]
+  # ...and under `oracle` it runs once: no input carries the threshold axis S = 5.
+  assert any(s[:1] == (5,) and len(s) == 4 for s in carry_shapes) == thresholds_axis
