@@ -161,14 +161,27 @@ def _check_float(name: str, value: Any, low: float, high: float, low_open: bool 
     raise UserError(f"{name} must be a finite number in {bracket}{low}, {high}], got {value!r}")
 
 
-def sibling_config(this_file: str, name: str) -> ml_collections.ConfigDict:
-  """`get_config()` of the config file `name`.py beside `this_file`.
+def load_config_file(path: str, *args: str) -> ml_collections.ConfigDict:
+  """`get_config(*args)` of a config file (what `--config=path.py:arg` loads).
+
+  Raises:
+    UserError: the file does not exist.
+  """
+  if not os.path.exists(path):
+    raise UserError(f"config file {path} not found: give a path to an "
+                    "experiments/configs/*.py file")
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"_deepexit_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
+
+
+def sibling_config(this_file: str, name: str, *args: str) -> ml_collections.ConfigDict:
+  """`get_config(*args)` of the config file `name`.py beside `this_file`.
 
   Config files are loaded by path (`--config=path.py`), not as a package, so one
   config builds on another through this instead of an import.
   """
-  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name + ".py")
-  spec = importlib.util.spec_from_file_location(f"_deepexit_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_file(
+      os.path.join(os.path.dirname(os.path.abspath(this_file)), name + ".py"), *args)

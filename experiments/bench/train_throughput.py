@@ -25,7 +25,7 @@ from absl import app, flags
 from flax import nnx
 
 from deepexit_jax import data, xla_options
-from deepexit_jax.config import ExperimentConfig
+from deepexit_jax.config import ExperimentConfig, load_config_file
 from deepexit_jax.train import Trainer
 
 _STEPS = flags.DEFINE_integer("steps", 100, "Timed training steps.")
@@ -36,13 +36,9 @@ _CONFIG = flags.DEFINE_string(
 
 
 def _config(path: str, vocab: int, **model_overrides) -> ExperimentConfig:
-  from deepexit_jax.config import sibling_config
-  name = os.path.splitext(os.path.basename(path))[0]
-  cfg = ExperimentConfig.from_dict(sibling_config(path, name))
-  cfg = cfg.with_vocab_size(vocab)
+  cfg = ExperimentConfig.from_dict(load_config_file(path)).with_vocab_size(vocab)
   if model_overrides:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model_overrides))
-    # Loss weights of the reference refer to layers 2 and 4; keep them valid.
   return cfg
 
 

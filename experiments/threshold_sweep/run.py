@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 
 from deepexit_jax import cli, report, sweep
 from deepexit_jax.checkpoint import read_json
-from deepexit_jax.config import ExperimentConfig
+from deepexit_jax.config import ExperimentConfig, load_config_file
 from deepexit_jax.train import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,12 +31,7 @@ _EPOCHS = flags.DEFINE_integer("epochs", None, "Override train.epochs of every m
 
 
 def _config(name: str, *args: str) -> ConfigDict:
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, name + ".py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(*args)
+  c = load_config_file(os.path.join(CONFIGS, name + ".py"), *args)
   if _EPOCHS.value:
     c.train.epochs = _EPOCHS.value
   return c
