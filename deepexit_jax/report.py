@@ -38,7 +38,12 @@ def markdown(report: SweepReport) -> str:
       f"Sweep of {report.metadata['checkpoint']} (step {report.metadata['step']}, "
       f"params {report.metadata['params_sha256']}) on {report.num_tokens:,} validation "
       f"tokens; measure `{report.measure}`, exit layers {list(exits)} of "
-      f"{report.num_layers}. Compute % = mean layers run / N; FLOPs % = total FLOPs / "
+      f"{report.num_layers}, routing `{report.metadata.get('routing', 'token')}`"
+      + (f" (quantile {report.metadata['seq_quantile']})"
+         if report.metadata.get("routing") == "sequence" else "")
+      + (f", threshold decay {report.metadata['threshold_decay']}"
+         if report.metadata.get("threshold_decay") else "")
+      + ". Compute % = mean layers run / N; FLOPs % = total FLOPs / "
       "full-depth FLOPs, exit-head checks included; PPL change vs full depth.", ""]
 
   def table(rows: Sequence[SweepRow]) -> list[str]:

@@ -155,7 +155,7 @@ def _masked_sums(res: exits.ExitResult, mask_BT: jax.Array, counter: exits.FlopC
 def sweep_thresholds(model: DeepSupervisionTransformer, batches: data.EvalBatches,
                      thresholds: np.ndarray, *, exit_layers: Sequence[int],
                      measure: str = "softmax", kv_policy: str = "oracle",
-                     probe: Any = None) -> list[SweepRow]:
+                     probe: Any = None, **routing: Any) -> list[SweepRow]:
   """Early-exit PPL and compute at every threshold over all evaluation batches.
 
   Args:
@@ -166,6 +166,7 @@ def sweep_thresholds(model: DeepSupervisionTransformer, batches: data.EvalBatche
     measure: confidence measure (see `exits`).
     kv_policy: "oracle" or "copy".
     probe: a confidence probe for measure "probe".
+    **routing: `routing`, `seq_quantile`, `threshold_decay` of `predict_with_exit`.
 
   Returns:
     One "threshold" row per threshold (PPL change not yet filled in).
@@ -179,7 +180,8 @@ def sweep_thresholds(model: DeepSupervisionTransformer, batches: data.EvalBatche
     mask_BT = jnp.asarray(batches.mask[b])
     res = exits.predict_with_exit(
         model, batches.inputs[b], thr_S, exit_layers=exit_layers, measure=measure,
-        kv_policy=kv_policy, probe=probe, targets=batches.targets[b], return_logits=False)
+        kv_policy=kv_policy, probe=probe, targets=batches.targets[b], return_logits=False,
+        **routing)
     sums = jax.device_get(_masked_sums(res, mask_BT, counter, checked))
     tot.nll += sums["nll"]
     tot.layers += sums["layers"]
@@ -292,7 +294,8 @@ def run_sweep(checkpoint_dir: str, thresholds: np.ndarray, *,
               exit_layers: Sequence[int] | None = None, measure: str = "softmax",
               kv_policies: Sequence[str] = ("oracle", "copy"),
               static_dirs: Sequence[str] = (), data_dir: str | None = None,
-              probe: Any = None) -> SweepReport:
+              probe: Any = None, routing: str = "token", seq_quantile: float = 1.0,
+              threshold_decay: float = 0.0) -> SweepReport:
   """Loads a trained checkpoint and sweeps thresholds over its validation text.
 
   Args:
@@ -304,6 +307,8 @@ def run_sweep(checkpoint_dir: str, thresholds: np.ndarray, *,
     static_dirs: workdirs of static-depth baselines on the same data.
     data_dir: overrides the run's data.data_dir (e.g. a local dataset copy).
     probe: a confidence probe for measure "probe".
+    routing, seq_quantile, threshold_decay: token or sequence routing and the
+      position-dependent threshold, as in `predict_with_exit`.
 
   Returns:
     A `SweepReport`.
@@ -329,7 +334,9 @@ def run_sweep(checkpoint_dir: str, thresholds: np.ndarray, *,
   rows = [full]
   for policy in kv_policies:
     rows += sweep_thresholds(model, batches, thresholds, exit_layers=exit_layers,
-                             measure=measure, kv_policy=policy, probe=probe)
+                             measure=measure, kv_policy=policy, probe=probe,
+                             routing=routing, seq_quantile=seq_quantile,
+                             threshold_decay=threshold_decay)
   rows.append(oracle_bound(model, batches, exit_layers))
   for d in static_dirs:
     static = checkpoint.load_checkpoint(d)
@@ -343,7 +350,8 @@ def run_sweep(checkpoint_dir: str, thresholds: np.ndarray, *,
       "model": model.config.to_dict(), "experiment": ckpt.experiment,
       "data": dataset.corpus.description, "static_checkpoints": list(static_dirs),
       "thresholds": [float(t) for t in thresholds], "kv_policies": list(kv_policies),
-      "tolerance": PPL_TOLERANCE,
+      "tolerance": PPL_TOLERANCE, "routing": routing, "seq_quantile": seq_quantile,
+      "threshold_decay": threshold_decay,
   }
   return SweepReport(rows=rows, exit_layers=exit_layers, measure=measure, num_layers=n,
                      num_tokens=batches.num_targets, recommendations=recommend(rows),
@@ -373,6 +381,12 @@ def run() -> None:
                                  "run's configured exit_layers).")
   measure_flag = flags.DEFINE_enum("measure", "softmax", list(exits.MEASURES[:-1]),
                                    "Confidence measure.")
+  routing_flag = flags.DEFINE_enum("routing", "token", list(exits.ROUTINGS),
+                                   "Per-token exits, or one exit layer per sequence.")
+  quantile_flag = flags.DEFINE_float("seq_quantile", 1.0, "Sequence routing: share of a "
+                                     "sequence's tokens that must be confident.")
+  decay_flag = flags.DEFINE_float("threshold_decay", 0.0, "Position-dependent threshold "
+                                  "relaxation tau (0 = constant threshold).")
   kv_flag = flags.DEFINE_list("kv_policy", ["oracle", "copy"], "KV policies to sweep.")
   static_flag = flags.DEFINE_list("static", [], "Workdirs of static-depth baselines.")
   data_flag = flags.DEFINE_string("data_dir", None, "Override the run's data.data_dir.")
@@ -395,7 +409,8 @@ def run() -> None:
     result = run_sweep(ckpt_flag.value, parse_thresholds(thr_flag.value),
                        exit_layers=exit_layers, measure=measure_flag.value,
                        kv_policies=kv_flag.value, static_dirs=static_flag.value,
-                       data_dir=data_flag.value)
+                       data_dir=data_flag.value, routing=routing_flag.value,
+                       seq_quantile=quantile_flag.value, threshold_decay=decay_flag.value)
     out = out_flag.value or os.path.join(ckpt_flag.value, "sweep")
     paths = report.write_report(result, out, overlay)
     print(report.markdown(result))

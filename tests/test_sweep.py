@@ -231,3 +231,23 @@ def test_oracle_sweep_runs_one_forward_pass_for_all_thresholds(policy, threshold
   carry_shapes = [v.aval.shape for v in scans[0].invars if hasattr(v.aval, "shape")]
   # ...and under `oracle` it runs once: no input carries the threshold axis S = 5.
   assert any(s[:1] == (5,) and len(s) == 4 for s in carry_shapes) == thresholds_axis
+
+
+def test_sweep_passes_sequence_routing_to_the_engine(runs):
+  # Threshold at the median layer-1 confidence, so token routing exits about half.
+  ckpt = load_checkpoint(runs[0])
+  cfg = data.DataConfig.from_dict(ckpt.experiment["data"])
+  b = data.eval_batches(data.prepare_dataset(cfg, tokenizer=ckpt.tokenizer).val_tokens,
+                        cfg.seq_len, cfg.batch_size)
+  logits = np.asarray(all_layer_logits(ckpt.model, b.inputs[0]))[0]
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  thr = np.float32(np.median(1.0 / probs.sum(-1)))  # max softmax probability
+  token = sweep.run_sweep(runs[0], np.array([thr]), kv_policies=("oracle",))
+  seq = sweep.run_sweep(runs[0], np.array([thr]), kv_policies=("oracle",), routing="sequence",
+                        seq_quantile=1.0)
+  pick = lambda rep: next(r for r in rep.rows if r.kind == "threshold")  # noqa: E731
+  # A token exits under sequence routing only if its whole sequence is confident, so
+  # fewer tokens exit than under token routing.
+  assert 0.2 < pick(token).shallow_exit < 0.8
+  assert pick(seq).shallow_exit < pick(token).shallow_exit
+  assert seq.metadata["routing"] == "sequence" and "routing `sequence`" in report.markdown(seq)
