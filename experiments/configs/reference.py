@@ -19,11 +19,14 @@ def get_config() -> ml_collections.ConfigDict:
   # remat="full" recomputes each layer in the backward pass: faster on CPU than storing
   # the scan's stacked residuals (BUILD_NOTES.md, Performance); outputs are unchanged.
   c.model = dict(num_layers=4, dim=32, num_heads=2, ffn_dim=128, max_len=128, dropout=0.0,
-                 tie_embeddings=False, remat="full")
+                 tie_embeddings=False, remat="full", attention_chunks=2)
   c.data = dict(
       dataset="wikitext2",
       data_dir=config_dict.placeholder(str),  # None: $DEEPEXIT_DATA_DIR, else download.
       tfds_dir=config_dict.placeholder(str),
+      train_file=config_dict.placeholder(str),  # dataset=text_files only.
+      val_file=config_dict.placeholder(str),
+      split_fraction=0.9,  # Single-text datasets: the first 90% train.
       train_split="train_prefix",
       val_split="validation",
       train_chars=500_000,
@@ -34,6 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   )
   c.loss_weights = "2:0.7,4:0.3"
   c.exit_layers = (2,)
-  c.train = dict(epochs=10, learning_rate=3e-3, warmup_steps=50, weight_decay=0.01,
-                 grad_clip=1.0, seed=0, eval_every=0, log_every=50)
+  # Every TrainConfig field is declared so that any can be overridden by flag.
+  c.train = dict(epochs=10, max_steps=config_dict.placeholder(int), learning_rate=3e-3,
+                 min_lr_ratio=0.1, warmup_steps=50, weight_decay=0.01, grad_clip=1.0,
+                 b1=0.9, b2=0.98, seed=0, eval_every=0, log_every=50)
   return c
