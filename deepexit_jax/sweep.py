@@ -123,6 +123,15 @@ class _Totals:
   full_flops: float
   exits: np.ndarray  # [S, E]
 
+  def add(self, sums: dict[str, Any]) -> None:
+    """Adds one batch's `_masked_sums`."""
+    self.nll += sums["nll"]
+    self.layers += sums["layers"]
+    self.flops += sums["flops"]
+    self.exits += sums["exits"]
+    self.full_flops += float(sums["full"])
+    self.count += float(sums["count"])
+
   def rows(self, kind: str, labels: Sequence[str], kv_policy: str,
            thresholds: Sequence[float | None], num_layers: int) -> list[SweepRow]:
     out = []
@@ -138,16 +147,17 @@ class _Totals:
 
 
 @functools.partial(jax.jit, static_argnames=("counter", "checked"))
-def _masked_sums(res: exits.ExitResult, mask_BT: jax.Array, counter: exits.FlopCounter,
+def _masked_sums(nll_SBT: jax.Array, exit_layer_SBT: jax.Array, flops_SBT: jax.Array,
+                 mask_BT: jax.Array, counter: exits.FlopCounter,
                  checked: tuple[int, ...]) -> dict[str, jax.Array]:
-  """One batch's contribution to `_Totals`, in one dispatch."""
+  """One batch's contribution to `_Totals` (per-token FLOPs, not fractions), one dispatch."""
   t_BT = jnp.broadcast_to(jnp.arange(mask_BT.shape[1], dtype=jnp.float32), mask_BT.shape)
   full_BT = counter.full_depth(t_BT)
-  onehot_SBTE = res.exit_layer[..., None] == jnp.asarray(checked, jnp.int32)
+  onehot_SBTE = exit_layer_SBT[..., None] == jnp.asarray(checked, jnp.int32)
   return {
-      "nll": jnp.sum(res.nll * mask_BT, (1, 2)),
-      "layers": jnp.sum(res.exit_layer * mask_BT, (1, 2)),
-      "flops": jnp.sum(res.flops_fraction * full_BT * mask_BT, (1, 2)),
+      "nll": jnp.sum(nll_SBT * mask_BT, (1, 2)),
+      "layers": jnp.sum(exit_layer_SBT * mask_BT, (1, 2)),
+      "flops": jnp.sum(flops_SBT * mask_BT, (1, 2)),
       "exits": jnp.sum(onehot_SBTE * mask_BT[..., None], (1, 2)),
       "full": jnp.sum(full_BT * mask_BT), "count": jnp.sum(mask_BT)}
 
@@ -182,13 +192,10 @@ def sweep_thresholds(model: DeepSupervisionTransformer, batches: data.EvalBatche
         model, batches.inputs[b], thr_S, exit_layers=exit_layers, measure=measure,
         kv_policy=kv_policy, probe=probe, targets=batches.targets[b], return_logits=False,
         **routing)
-    sums = jax.device_get(_masked_sums(res, mask_BT, counter, checked))
-    tot.nll += sums["nll"]
-    tot.layers += sums["layers"]
-    tot.flops += sums["flops"]
-    tot.exits += sums["exits"]
-    tot.full_flops += float(sums["full"])
-    tot.count += float(sums["count"])
+    t_BT = jnp.broadcast_to(jnp.arange(mask_BT.shape[1], dtype=jnp.float32), mask_BT.shape)
+    flops_SBT = res.flops_fraction * counter.full_depth(t_BT)
+    tot.add(jax.device_get(_masked_sums(res.nll, res.exit_layer, flops_SBT, mask_BT, counter,
+                                        checked)))
   labels = [f"{t:g}" for t in thresholds]
   return tot.rows("threshold", labels, kv_policy, [float(t) for t in thresholds],
                   model.config.num_layers)
@@ -196,11 +203,15 @@ def sweep_thresholds(model: DeepSupervisionTransformer, batches: data.EvalBatche
 
 @nnx.jit(static_argnames=("exit_layers",))
 def _oracle_bound_batch(model, inputs_BT, targets_BT, exit_layers):
+  """Exit layer, NLL and FLOPs [1, B, T] of the perfect predictor (blocks + one head)."""
   logits_NBTV = model(inputs_BT).per_layer
   layer_BT = exits.oracle_exit_layer(logits_NBTV, exit_layers)
   nll_NBT = jax.vmap(lambda lg: token_nll(lg, targets_BT))(logits_NBTV)
   nll_BT = jnp.take_along_axis(nll_NBT, (layer_BT - 1)[None], 0)[0]
-  return layer_BT, nll_BT
+  counter = exits.FlopCounter.from_config(model.config)
+  t_BT = jnp.broadcast_to(jnp.arange(layer_BT.shape[1], dtype=jnp.float32), layer_BT.shape)
+  flops_BT = layer_BT * counter.block(t_BT) + counter.head
+  return layer_BT[None], nll_BT[None], flops_BT[None]
 
 
 def oracle_bound(model: DeepSupervisionTransformer, batches: data.EvalBatches,
@@ -211,17 +222,10 @@ def oracle_bound(model: DeepSupervisionTransformer, batches: data.EvalBatches,
   checked = tuple(k for k in exit_layers if k < n)
   tot = _Totals(np.zeros(1), 0.0, np.zeros(1), np.zeros(1), 0.0, np.zeros((1, len(checked))))
   for b in range(batches.num_batches):
-    mask_BT = jnp.asarray(batches.mask[b])
-    layer_BT, nll_BT = _oracle_bound_batch(model, batches.inputs[b], batches.targets[b],
-                                           tuple(exit_layers))
-    t_BT = jnp.broadcast_to(jnp.arange(mask_BT.shape[1], dtype=jnp.float32), mask_BT.shape)
-    flops_BT = layer_BT * counter.block(t_BT) + counter.head
-    tot.nll += float(jnp.sum(nll_BT * mask_BT))
-    tot.layers += float(jnp.sum(layer_BT * mask_BT))
-    tot.flops += float(jnp.sum(flops_BT * mask_BT))
-    tot.full_flops += float(jnp.sum(counter.full_depth(t_BT) * mask_BT))
-    tot.exits += np.asarray([float(jnp.sum((layer_BT == k) * mask_BT)) for k in checked])
-    tot.count += float(jnp.sum(mask_BT))
+    layer_1BT, nll_1BT, flops_1BT = _oracle_bound_batch(
+        model, batches.inputs[b], batches.targets[b], tuple(exit_layers))
+    tot.add(jax.device_get(_masked_sums(nll_1BT, layer_1BT, flops_1BT,
+                                        jnp.asarray(batches.mask[b]), counter, checked)))
   return tot.rows("oracle", ["oracle bound"], "", [None], n)[0]
 
 
