@@ -1,0 +1,813 @@
+"""Real early-exit decoding: an incremental KV-cache decoder that skips the layers above the exit.
+
+Shapes (suffixes on locals): N layers, B batch, S cache length (= config.max_len),
+D model width, H heads, K head width, V vocabulary, E exit layers checked (below N),
+Q pending-queue slots (`recompute`), R query rows of one layer call (1 in a decode step,
+the prompt for the prefill, 1 + Q in a catch-up), M decode steps.
+
+One decode step runs the token at position t through the layers in *segments* that end
+at the exit layers (exit layers (2, 4) of N = 6 give segments 1-2, 3-4, 5-6). The first
+segment always runs; every later one sits in a `lax.cond` on "the batch has stopped", so
+a skipped segment costs only what the KV policy asks for:
+
+  copy       (CALM state propagation, = `predict_with_exit(kv_policy="copy")`): the
+             exited state is copied upward; each skipped layer computes only the
+             keys/values of the copied state (one [B, D] x [D, 2D] projection).
+  recompute  (EE-LLM / DEED, = `predict_with_exit(kv_policy="oracle")`): skipped layers
+             compute nothing now. The exited position joins a queue of at most
+             `max_pending` pending positions with its state and depth; the next token
+             that runs a layer some pending position lacks runs that layer for them in
+             the same call (R = 1 + Q query rows), so every deeper layer sees exactly
+             the full-depth states. A token that would overflow the queue runs to full
+             depth (its logits stay those of its exit layer), which flushes the queue.
+
+Batches (B > 1) stop together; which rows' logits come from where:
+  sync  CALM's rule: the batch exits at the first exit layer where EVERY row is
+        confident; all rows share the exit layer.
+  row   each row exits at its own first confident layer (its logits are taken
+        there); the batch keeps running while any row is not done, and stops when
+        all are. Under `copy` a done row's state is frozen (exactly the emulation, row
+        by row); under `recompute` a done row keeps computing its full-depth states.
+        A batch never runs more layers under `row` than under `sync`.
+
+Layers are unrolled (N is small) with each layer's weights sliced once before the step
+loop: a `lax.scan` over a slice of the stacked weights would copy a layer's weights on
+every step, which at batch 1 costs as much as the layer's matmuls. Steps run in one
+`lax.fori_loop`; the whole decode (prefill + steps + sampling) is one jitted call.
+
+The full-depth baseline is the same code with no exit layer (`exit_layers=(N,)`): one
+segment, no `lax.cond`, the same cache, prefill, loop and sampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepexit_jax import exits, xla_options
+from deepexit_jax.errors import UserError
+from deepexit_jax.model import Block, DeepSupervisionTransformer, ModelConfig, causal_attention
+
+Array = jax.Array
+
+KV_POLICIES = ("copy", "recompute")
+BATCH_EXITS = ("sync", "row")
+# The learned probes are not supported: their per-token cost and state would need a
+# decoding-time interface of their own.
+MEASURES = ("softmax", "margin", "entropy", "state")
+# The emulation's name for the same semantics as each decoding policy.
+EMULATED_POLICY = {"copy": "copy", "recompute": "oracle"}
+
+
+@flax.struct.dataclass
+class DecodeResult:
+  """What `generate` / `decode_teacher_forced` return; M = decode steps.
+
+  Step m processes the token at position `start + m` and its logits choose (or, teacher
+  forced, score) the token at position `start + m + 1`.
+
+  Attributes:
+    tokens: [B, start + M + 1] int32: the prompt (or forced text) and every chosen token.
+    exit_layer: [B, M] int32 1-based layer whose logits were used (N = full depth).
+    confidence: [B, M] confidence at the exit layer, or at the last exit layer checked
+      for full-depth tokens (NaN if no exit layer lies below N).
+    checked_confidence: [B, M, E] confidence at each exit layer, NaN where the batch
+      did not run that check (it stopped earlier).
+    logits: [B, M, V] float32 logits at the exit layer (None unless requested).
+    layers_run: [M] int32 layers the batch ran for the step's own token (>= every
+      row's exit layer; N when a full queue forced a `recompute` token to full depth).
+    recomputed_layers: [M] int32 (position, layer) pairs of pending positions run in the
+      step (`recompute` catch-up; 0 under `copy`).
+    checks: [M] int32 exit checks the batch ran.
+    start: position of the first decode step (prompt length - 1 for `generate`, 0
+      teacher forced).
+    exit_layers: the exit layers checked (static; below N, ascending).
+  """
+
+  tokens: Array
+  exit_layer: Array
+  confidence: Array
+  checked_confidence: Array
+  logits: Array | None
+  layers_run: Array
+  recomputed_layers: Array
+  checks: Array
+  start: int = flax.struct.field(pytree_node=False, default=0)
+  exit_layers: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
+
+  @property
+  def new_tokens(self) -> Array:
+    """[B, M] the tokens the steps chose (teacher forced: the next forced tokens)."""
+    return self.tokens[:, self.start + 1:]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+  exit_layers: tuple[int, ...]  # checked exit layers, all < N
+  measure: str
+  kv_policy: str
+  batch_exit: str
+  max_pending: int
+  prefill: int  # positions run at full depth (in one call) before the first step
+  num_steps: int
+  num_forced: int  # positions whose token is given, not sampled
+  sample: bool
+  top_k: int  # 0 = no top-k filter
+  return_logits: bool
+
+
+# ----------------------------------------------------------------------------------------
+# One layer on R query rows against its cache.
+
+
+def _qkv(blk: Block, x_MD: Array) -> tuple[Array, Array, Array]:
+  return tuple(jnp.split(blk.qkv(blk.ln1(x_MD)), 3, axis=-1))
+
+
+def _heads(x_MD: Array, b: int, r: int, h: int) -> Array:
+  return x_MD.reshape(b, r, h, x_MD.shape[-1] // h)
+
+
+def _layer(blk: Block, h_BRD: Array, cache: tuple[Array, Array], pos_R: Array,
+           write_R: Array | None = None) -> tuple[Array, tuple[Array, Array]]:
+  """`Block.__call__` for R new rows at positions `pos_R`, attending through the cache.
+
+  Args:
+    blk: the layer.
+    h_BRD: the rows' input states.
+    cache: (keys, values) [B, S, H, K] of this layer; rows' keys/values are written at
+      their positions first, so each row sees every position <= its own.
+    pos_R: int32 positions of the rows (shared by the batch).
+    write_R: rows whose keys/values are written (None = all); unwritten rows are
+      computed but must not be used.
+
+  Returns:
+    (output states [B, R, D], updated cache).
+  """
+  b, r, d = h_BRD.shape
+  k_BSHK, v_BSHK = cache
+  s, nh = k_BSHK.shape[1], k_BSHK.shape[2]
+  x_MD = h_BRD.reshape(b * r, d)
+  q_MD, k_MD, v_MD = _qkv(blk, x_MD)
+  if r == 1 and write_R is None:  # A decode step: one contiguous write.
+    at = (0, pos_R[0], 0, 0)
+    k_BSHK = jax.lax.dynamic_update_slice(k_BSHK, _heads(k_MD, b, r, nh), at)
+    v_BSHK = jax.lax.dynamic_update_slice(v_BSHK, _heads(v_MD, b, r, nh), at)
+  else:  # Index s (out of range) drops a row's write.
+    idx_R = pos_R if write_R is None else jnp.where(write_R, pos_R, s)
+    k_BSHK = k_BSHK.at[:, idx_R].set(_heads(k_MD, b, r, nh), mode="drop")
+    v_BSHK = v_BSHK.at[:, idx_R].set(_heads(v_MD, b, r, nh), mode="drop")
+  mask_1RS = (jnp.arange(s)[None, :] <= pos_R[:, None])[None]
+  att_BRHK = causal_attention(_heads(q_MD, b, r, nh), k_BSHK, v_BSHK, mask_BTS=mask_1RS)
+  h_MD = x_MD + blk.attn_out(att_BRHK.reshape(b * r, d))
+  h_MD = h_MD + blk.fc2(jax.nn.gelu(blk.fc1(blk.ln2(h_MD))))
+  return h_MD.reshape(b, r, d), (k_BSHK, v_BSHK)
+
+
+def _write_kv(blk: Block, h_BD: Array, cache: tuple[Array, Array], t: Array
+              ) -> tuple[Array, Array]:
+  """`copy` for a skipped layer: only the keys/values of the copied state, at position t."""
+  b, d = h_BD.shape
+  k_BSHK, v_BSHK = cache
+  nh = k_BSHK.shape[2]
+  m_2D = blk.qkv.kernel[...][:, d:]
+  kv_MD = blk.ln1(h_BD) @ m_2D + blk.qkv.bias[...][d:]
+  k_MD, v_MD = jnp.split(kv_MD, 2, axis=-1)
+  at = (0, t, 0, 0)
+  return (jax.lax.dynamic_update_slice(k_BSHK, _heads(k_MD, b, 1, nh), at),
+          jax.lax.dynamic_update_slice(v_BSHK, _heads(v_MD, b, 1, nh), at))
+
+
+# ----------------------------------------------------------------------------------------
+# The jitted decoder.
+
+
+def _segments(exit_layers: tuple[int, ...], n: int) -> list[tuple[int, int]]:
+  """0-based [lo, hi) layer ranges ending at each exit layer, then at N."""
+  ends = list(exit_layers) + [n]
+  return list(zip([0] + ends[:-1], ends))
+
+
+def _decode(graphdef: nnx.GraphDef, state: nnx.State, tokens_BF: Array, threshold: Array,
+            temperature: Array, rng: Array, *, opts: _Options) -> DecodeResult:
+  model: DeepSupervisionTransformer = nnx.merge(graphdef, state)
+  cfg = model.config
+  n, s, e, q = cfg.num_layers, cfg.max_len, len(opts.exit_layers), opts.max_pending
+  b = tokens_BF.shape[0]
+  copy = opts.kv_policy == "copy"
+  segments = _segments(opts.exit_layers, n)
+  # Each layer's weights sliced once, outside the step loop.
+  bgraph, bstate = nnx.split(model.blocks)
+  blocks = [nnx.merge(bgraph, jax.tree.map(lambda x, i=i: x[i], bstate)) for i in range(n)]
+
+  length = opts.prefill + opts.num_steps + 1
+  tokens_BL = jnp.zeros((b, length), jnp.int32).at[:, :opts.num_forced].set(
+      tokens_BF[:, :opts.num_forced])
+  zeros_BSHK = jnp.zeros((b, s, cfg.num_heads, cfg.head_dim), jnp.float32)
+  caches = [(zeros_BSHK, zeros_BSHK) for _ in range(n)]
+
+  if opts.prefill:  # The prompt at full depth, all positions in one call per layer.
+    pos_P = jnp.arange(opts.prefill)
+    h_BPD = model.embed_tokens(tokens_BL[:, :opts.prefill], pos_P[None])
+    for i in range(n):
+      h_BPD, caches[i] = _layer(blocks[i], h_BPD, caches[i], pos_P)
+
+  def head(h_BD: Array) -> Array:
+    return model.head(h_BD).astype(jnp.float32)
+
+  def run_layers(st: dict, lo: int, hi: int, t: Array) -> dict:
+    """Layers lo..hi-1 for the step's token, plus the pending positions that lack them.
+
+    `st["caches"]` holds only this segment's layers (index i - lo).
+    """
+    frozen_B1 = st["done"][:, None] if copy else None
+
+    def plain(st):
+      st = dict(st, caches=list(st["caches"]))
+      for i in range(lo, hi):
+        h_in = st["h"]
+        h_out, st["caches"][i - lo] = _layer(blocks[i], h_in[:, None], st["caches"][i - lo],
+                                             t[None])
+        h_out = h_out[:, 0]
+        st["h_in"], st["h_out"] = h_in, h_out
+        st["h"] = h_out if frozen_B1 is None else jnp.where(frozen_B1, h_in, h_out)
+      return st
+
+    def catch_up(st):
+      st = dict(st, caches=list(st["caches"]))
+      pos_R = jnp.concatenate([t[None], st["q_pos"]])
+      for i in range(lo, hi):
+        active_Q = st["q_depth"] <= i  # Empty slots hold depth N.
+        h_in = st["h"]
+        h_BRD = jnp.concatenate([h_in[:, None], st["q_h"]], 1)
+        write_R = jnp.concatenate([jnp.ones((1,), bool), active_Q])
+        h_BRD, st["caches"][i - lo] = _layer(blocks[i], h_BRD, st["caches"][i - lo], pos_R,
+                                             write_R)
+        st["h_in"], st["h_out"] = h_in, h_BRD[:, 0]
+        st["h"] = h_BRD[:, 0]
+        st["q_h"] = jnp.where(active_Q[None, :, None], h_BRD[:, 1:], st["q_h"])
+        st["q_depth"] = jnp.where(active_Q, i + 1, st["q_depth"])
+        st["recomputed"] = st["recomputed"] + jnp.sum(active_Q, dtype=jnp.int32)
+      return st
+
+    if copy:
+      st = plain(st)
+    else:
+      st = jax.lax.cond(jnp.any(st["q_depth"] < hi), catch_up, plain, st)
+    st["layers_run"] = jnp.int32(hi)
+    return st
+
+  def check(st: dict, j: int) -> dict:
+    """The exit check at exit layer `opts.exit_layers[j]`."""
+    st = dict(st)
+    k = opts.exit_layers[j]
+    if opts.measure in exits._LOGIT_MEASURES:
+      logits_BV = head(st["h"])
+      conf_B = exits._confidence(opts.measure, None, logits_BV, None, None, jnp.int32(k))
+    else:
+      logits_BV = None
+      conf_B = exits.state_confidence(st["h_in"], st["h_out"])
+    ok_B = conf_B >= threshold
+    if opts.batch_exit == "sync":
+      ok_B = jnp.broadcast_to(jnp.all(ok_B), ok_B.shape)
+    new_B = ok_B & ~st["done"]
+    if logits_BV is None:  # state: the head only runs when some row exits here.
+      logits_BV = jax.lax.cond(jnp.any(new_B), lambda h: head(h),
+                               lambda h: jnp.zeros(st["logits"].shape, jnp.float32), st["h"])
+    st["logits"] = jnp.where(new_B[:, None], logits_BV, st["logits"])
+    st["exit"] = jnp.where(new_B, k, st["exit"])
+    st["conf"] = jnp.where(st["done"], st["conf"], conf_B)
+    st["confs"] = st["confs"].at[:, j].set(conf_B)
+    st["done"] = st["done"] | new_B
+    st["checks"] = st["checks"] + 1
+    stop = jnp.all(st["done"])
+    if not copy:  # Stopping leaves this position pending: it needs a free queue slot.
+      stop = stop & jnp.any(st["q_depth"] == n)
+    st["stop"] = stop
+    return st
+
+  def finish(st: dict) -> dict:
+    st = dict(st)
+    st["logits"] = jnp.where(st["done"][:, None], st["logits"], head(st["h"]))
+    return st
+
+  def skip(st: dict, lo: int, hi: int, t: Array) -> dict:
+    """A segment the stopped batch skips: `copy` writes the copied state's keys/values."""
+    if not copy:
+      return st
+    st = dict(st, caches=list(st["caches"]))
+    for i in range(lo, hi):
+      st["caches"][i - lo] = _write_kv(blocks[i], st["h"], st["caches"][i - lo], t)
+    return st
+
+  def step(m: Array, carry: dict) -> dict:
+    t = opts.prefill + m
+    tok_B = jax.lax.dynamic_index_in_dim(carry["tokens"], t, axis=1, keepdims=False)
+    h_BD = model.embed_tokens(tok_B[:, None], jnp.reshape(t, (1, 1)))[:, 0]
+    st = {
+        "h": h_BD, "h_in": h_BD, "h_out": h_BD, "caches": carry["caches"],
+        "done": jnp.zeros((b,), bool), "stop": jnp.bool_(False),
+        "logits": jnp.zeros((b, cfg.vocab_size), jnp.float32),
+        "exit": jnp.full((b,), n, jnp.int32), "conf": jnp.full((b,), jnp.nan, jnp.float32),
+        "confs": jnp.full((b, e), jnp.nan, jnp.float32), "checks": jnp.int32(0),
+        "layers_run": jnp.int32(0), "recomputed": jnp.int32(0),
+    }
+    if not copy:
+      st.update({k: carry[k] for k in ("q_h", "q_pos", "q_depth")})
+
+    all_caches = st["caches"]
+    for j, (lo, hi) in enumerate(segments):
+      def run(st, j=j, lo=lo, hi=hi):
+        st = run_layers(st, lo, hi, t)
+        return check(st, j) if hi < n else finish(st)
+
+      # Only this segment's caches travel through its cond.
+      st["caches"] = all_caches[lo:hi]
+      if j == 0:
+        st = run(st)
+      else:
+        st = jax.lax.cond(st["stop"], functools.partial(skip, lo=lo, hi=hi, t=t), run, st)
+      all_caches = all_caches[:lo] + list(st["caches"]) + all_caches[hi:]
+    st["caches"] = all_caches
+
+    if not copy:  # A stopped step leaves its position pending at the depth it reached.
+      slot = jnp.argmax(st["q_depth"] == n)
+      push = st["stop"]
+      st["q_h"] = jnp.where(push, st["q_h"].at[:, slot].set(st["h"]), st["q_h"])
+      st["q_pos"] = jnp.where(push, st["q_pos"].at[slot].set(t), st["q_pos"])
+      st["q_depth"] = jnp.where(push, st["q_depth"].at[slot].set(st["layers_run"]),
+                                st["q_depth"])
+
+    if opts.sample:
+      logits_BV = st["logits"] / temperature
+      if opts.top_k:
+        kth_B1 = jax.lax.top_k(logits_BV, opts.top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+      next_B = jax.random.categorical(jax.random.fold_in(rng, t), logits_BV).astype(jnp.int32)
+    else:
+      next_B = jnp.argmax(st["logits"], -1).astype(jnp.int32)
+    forced_B = jax.lax.dynamic_index_in_dim(carry["tokens"], t + 1, axis=1, keepdims=False)
+    next_B = jnp.where(t + 1 < opts.num_forced, forced_B, next_B)
+
+    out = dict(carry)
+    out["tokens"] = jax.lax.dynamic_update_index_in_dim(carry["tokens"], next_B, t + 1, 1)
+    out["caches"] = st["caches"]
+    for key, value in (("exit", st["exit"]), ("conf", st["conf"]), ("confs", st["confs"])):
+      out[key] = jax.lax.dynamic_update_index_in_dim(carry[key], value, m, 1)
+    for key, value in (("layers_run", st["layers_run"]), ("recomputed", st["recomputed"]),
+                       ("checks", st["checks"])):
+      out[key] = carry[key].at[m].set(value)
+    if opts.return_logits:
+      out["logits"] = jax.lax.dynamic_update_index_in_dim(carry["logits"], st["logits"], m, 1)
+    if not copy:
+      out.update({k: st[k] for k in ("q_h", "q_pos", "q_depth")})
+    return out
+
+  steps = opts.num_steps
+  carry = {
+      "tokens": tokens_BL, "caches": caches,
+      "exit": jnp.zeros((b, steps), jnp.int32), "conf": jnp.zeros((b, steps), jnp.float32),
+      "confs": jnp.zeros((b, steps, e), jnp.float32),
+      "layers_run": jnp.zeros((steps,), jnp.int32), "recomputed": jnp.zeros((steps,), jnp.int32),
+      "checks": jnp.zeros((steps,), jnp.int32),
+  }
+  if opts.return_logits:
+    carry["logits"] = jnp.zeros((b, steps, cfg.vocab_size), jnp.float32)
+  if not copy:
+    carry.update(q_h=jnp.zeros((b, q, cfg.dim), jnp.float32), q_pos=jnp.zeros((q,), jnp.int32),
+                 q_depth=jnp.full((q,), n, jnp.int32))
+  carry = jax.lax.fori_loop(0, steps, step, carry)
+  return DecodeResult(
+      tokens=carry["tokens"], exit_layer=carry["exit"], confidence=carry["conf"],
+      checked_confidence=carry["confs"], logits=carry.get("logits"),
+      layers_run=carry["layers_run"], recomputed_layers=carry["recomputed"],
+      checks=carry["checks"], start=opts.prefill, exit_layers=opts.exit_layers)
+
+
+@functools.cache
+def _decode_jit(nested: bool):
+  # Built at first use (the compiler options depend on the backend); under a caller's
+  # jit XLA takes no per-function options.
+  static = ("graphdef", "opts")
+  return jax.jit(_decode, static_argnames=static) if nested else xla_options.jit(
+      _decode, static_argnames=static)
+
+
+# ----------------------------------------------------------------------------------------
+# Validation and the public entry points.
+
+
+def _check_options(model: DeepSupervisionTransformer, exit_layers: Sequence[int],
+                   measure: str, kv_policy: str, batch_exit: str, max_pending: int
+                   ) -> tuple[int, ...]:
+  if not isinstance(model, DeepSupervisionTransformer):
+    raise UserError(f"model must be a DeepSupervisionTransformer, got {type(model).__name__}")
+  layers = exits._check_exit_layers(exit_layers, model.config.num_layers)
+  exits._check_choice("measure", measure, MEASURES)
+  exits._check_choice("kv_policy", kv_policy, KV_POLICIES)
+  exits._check_choice("batch_exit", batch_exit, BATCH_EXITS)
+  if not isinstance(max_pending, (int, np.integer)) or isinstance(max_pending, bool) or (
+      max_pending < 1):
+    raise UserError(f"max_pending={max_pending!r} must be an integer >= 1 (pending positions "
+                    "the recompute policy may hold)")
+  return layers
+
+
+def _check_tokens(tokens: Any, what: str) -> Array:
+  tokens_BT = jnp.asarray(tokens)
+  if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
+    raise UserError(f"{what} must hold integer token ids, got dtype {tokens_BT.dtype}")
+  tokens_BT = tokens_BT.astype(jnp.int32)
+  if tokens_BT.ndim == 1:
+    tokens_BT = tokens_BT[None]
+  if tokens_BT.ndim != 2 or tokens_BT.shape[0] < 1 or tokens_BT.shape[1] < 1:
+    raise UserError(f"{what} must be a non-empty [batch, time] array of token ids, got shape "
+                    f"{tokens_BT.shape}: give at least one token")
+  return tokens_BT
+
+
+def _run(model, tokens_BF, threshold, temperature, rng, opts) -> DecodeResult:
+  graphdef, state = nnx.split(model)
+  nested = any(isinstance(x, jax.core.Tracer)
+               for x in jax.tree.leaves((state, tokens_BF, threshold, temperature, rng)))
+  return _decode_jit(nested)(graphdef, state, tokens_BF, threshold, temperature, rng,
+                             opts=opts)
+
+
+def generate(
+    model: DeepSupervisionTransformer,
+    prompt: Array,
+    max_new_tokens: int,
+    threshold: float | Array = jnp.inf,
+    *,
+    exit_layers: Sequence[int] = (2,),
+    measure: str = "softmax",
+    kv_policy: str = "copy",
+    batch_exit: str = "sync",
+    temperature: float = 0.0,
+    top_k: int = 0,
+    rng: Array | None = None,
+    max_pending: int = 8,
+    return_logits: bool = False,
+) -> DecodeResult:
+  """Generates tokens with early exit: one jitted call, KV cache, skipped layers.
+
+  The prompt runs at full depth except its last token, which is the first decode step;
+  every generated token comes from a step that may exit early. The threshold (and the
+  temperature) are traced: new values never recompile.
+
+  Args:
+    model: a `DeepSupervisionTransformer`.
+    prompt: int [B, P] (or [P]) token ids; every row has the same length P >= 1.
+    max_new_tokens: M >= 1 tokens to generate; P + M - 1 <= config.max_len.
+    threshold: confidence threshold (as in `predict_with_exit`); `jnp.inf` never exits.
+    exit_layers: strictly ascending 1-based layers; `(N,)` is the full-depth baseline
+      (no checks, no conds).
+    measure: "softmax", "margin", "entropy" or "state".
+    kv_policy: "copy" or "recompute" (module docstring).
+    batch_exit: "sync" (the batch exits when every row is confident) or "row".
+    temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
+    top_k: sample only among the k most likely tokens (0 = all); needs temperature > 0.
+    rng: PRNG key for sampling (default `jax.random.key(0)`).
+    max_pending: queue slots of `recompute` (pending exited positions).
+    return_logits: also return every step's [B, M, V] logits.
+
+  Returns:
+    A `DecodeResult` with `start = P - 1`; `result.new_tokens` are the M new tokens.
+  """
+  layers = _check_options(model, exit_layers, measure, kv_policy, batch_exit, max_pending)
+  threshold = exits._check_threshold(threshold, measure)
+  if threshold.ndim:
+    raise UserError(f"threshold must be a scalar for decoding, got shape {threshold.shape}")
+  prompt_BP = _check_tokens(prompt, "prompt")
+  _check_vocab(prompt_BP, model.config.vocab_size, "prompt")
+  p, max_len = prompt_BP.shape[1], model.config.max_len
+  if (not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool)
+      or max_new_tokens < 1):
+    raise UserError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+  if p + max_new_tokens - 1 > max_len:
+    raise UserError(
+        f"prompt length {p} + max_new_tokens {max_new_tokens} - 1 exceeds model.max_len="
+        f"{max_len} (the KV cache length): ask for at most {max_len - p + 1} new tokens or "
+        "shorten the prompt")
+  if not (isinstance(temperature, (int, float, np.floating)) and math.isfinite(temperature)
+          and temperature >= 0):
+    raise UserError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+  if not isinstance(top_k, (int, np.integer)) or not 0 <= top_k <= model.config.vocab_size:
+    raise UserError(f"top_k={top_k!r} must be an integer in 0..{model.config.vocab_size} "
+                    "(0 = no filter)")
+  if top_k and temperature == 0:
+    raise UserError("top_k needs temperature > 0 (greedy decoding takes the top token)")
+  opts = _Options(exit_layers=layers, measure=measure, kv_policy=kv_policy,
+                  batch_exit=batch_exit, max_pending=int(max_pending), prefill=p - 1,
+                  num_steps=int(max_new_tokens), num_forced=p, sample=temperature > 0,
+                  top_k=int(top_k), return_logits=bool(return_logits))
+  rng = jax.random.key(0) if rng is None else rng
+  return _run(model, prompt_BP, threshold, jnp.float32(max(temperature, 1e-6)), rng, opts)
+
+
+def decode_teacher_forced(
+    model: DeepSupervisionTransformer,
+    tokens: Array,
+    threshold: float | Array,
+    *,
+    exit_layers: Sequence[int] = (2,),
+    measure: str = "softmax",
+    kv_policy: str = "copy",
+    batch_exit: str = "row",
+    max_pending: int = 8,
+    return_logits: bool = True,
+) -> DecodeResult:
+  """Runs the incremental decoder over a fixed text, one position per step from position 0.
+
+  Each step takes the given next token instead of sampling, so the exit layers and
+  logits are directly comparable with `predict_with_exit(model, tokens, threshold,
+  kv_policy=EMULATED_POLICY[kv_policy])`, position by position (with `batch_exit="row"`
+  for batches; B = 1 makes "sync" and "row" identical).
+
+  Args:
+    model, threshold, exit_layers, measure, kv_policy, batch_exit, max_pending,
+      return_logits: as for `generate`.
+    tokens: int [B, T] token ids, T <= config.max_len.
+
+  Returns:
+    A `DecodeResult` with `start = 0` and M = T steps.
+  """
+  layers = _check_options(model, exit_layers, measure, kv_policy, batch_exit, max_pending)
+  threshold = exits._check_threshold(threshold, measure)
+  if threshold.ndim:
+    raise UserError(f"threshold must be a scalar for decoding, got shape {threshold.shape}")
+  tokens_BT = _check_tokens(tokens, "tokens")
+  _check_vocab(tokens_BT, model.config.vocab_size, "tokens")
+  t = tokens_BT.shape[1]
+  if t > model.config.max_len:
+    raise UserError(f"sequence length {t} exceeds model.max_len={model.config.max_len}: "
+                    "shorten the input")
+  opts = _Options(exit_layers=layers, measure=measure, kv_policy=kv_policy,
+                  batch_exit=batch_exit, max_pending=int(max_pending), prefill=0,
+                  num_steps=t, num_forced=t, sample=False, top_k=0,
+                  return_logits=bool(return_logits))
+  return _run(model, tokens_BT, threshold, jnp.float32(1.0), jax.random.key(0), opts)
+
+
+def _check_vocab(tokens_BT: Array, vocab_size: int, what: str) -> None:
+  if isinstance(tokens_BT, jax.core.Tracer):
+    return
+  lo, hi = int(jnp.min(tokens_BT)), int(jnp.max(tokens_BT))
+  if lo < 0 or hi >= vocab_size:
+    raise UserError(f"{what} holds token id {lo if lo < 0 else hi}, outside the model's "
+                    f"vocabulary 0..{vocab_size - 1}")
+
+
+# ----------------------------------------------------------------------------------------
+# Compute accounting of a decode.
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeCost:
+  """FLOPs of a decode's steps (formulas of `exits`, per batch row, summed over steps).
+
+  Attributes:
+    full_depth: what full-depth decoding of the same positions costs.
+    ideal: the emulation's count for the rows' exit layers (`FlopCounter.token` under
+      the policy's emulated name): what a per-token engine with free skipping would pay.
+    executed: what this decoder ran: the batch's depth (`layers_run`) for every row,
+      `copy` key/value projections above it, the checks it ran, one final head when it
+      reached layer N, and the `recompute` catch-up layers.
+    mean_exit_layer: mean 1-based exit layer over rows and steps.
+    mean_layers_run: mean layers the batch ran per step for its own token.
+  """
+
+  full_depth: float
+  ideal: float
+  executed: float
+  mean_exit_layer: float
+  mean_layers_run: float
+
+  @property
+  def ideal_flops_speedup(self) -> float:
+    return self.full_depth / self.ideal
+
+  @property
+  def executed_flops_speedup(self) -> float:
+    return self.full_depth / self.executed
+
+
+def decode_cost(config: ModelConfig, result: DecodeResult, *, measure: str = "softmax",
+                kv_policy: str = "copy") -> DecodeCost:
+  """FLOP accounting of `result` (module docstring of `exits` for the formulas)."""
+  counter = exits.FlopCounter.from_config(config)
+  n = config.num_layers
+  exit_BM = np.asarray(result.exit_layer, np.float64)
+  b, m = exit_BM.shape
+  t_M = result.start + np.arange(m, dtype=np.float64)
+  layers = np.asarray(result.exit_layers, np.float64)
+  checks_BM = (exit_BM[..., None] >= layers).sum(-1) if len(layers) else np.zeros_like(exit_BM)
+  emulated = EMULATED_POLICY[kv_policy]
+  ideal = counter.token(t_M, exit_BM, checks_BM, measure=measure, kv_policy=emulated).sum()
+  run_M = np.asarray(result.layers_run, np.float64)
+  checks_M = np.asarray(result.checks, np.float64)
+  block_M = counter.block(t_M)
+  executed_M = run_M * block_M + np.asarray(result.recomputed_layers) * block_M
+  if kv_policy == "copy":
+    executed_M = executed_M + (n - run_M) * counter.kv
+  if measure in exits._LOGIT_MEASURES:
+    executed_M = executed_M + checks_M * counter.head + (run_M == n) * counter.head
+  else:
+    executed_M = executed_M + counter.head + checks_M * counter.cosine
+  return DecodeCost(
+      full_depth=float(b * counter.full_depth(t_M).sum()), ideal=float(ideal),
+      executed=float(b * executed_M.sum()), mean_exit_layer=float(exit_BM.mean()),
+      mean_layers_run=float(run_M.mean()))
+
+
+# ----------------------------------------------------------------------------------------
+# Text generation from a checkpoint, and the `deepexit-generate` binary.
+
+
+@dataclasses.dataclass(frozen=True)
+class TextGeneration:
+  """What `generate_text` returns (and `deepexit-generate` prints).
+
+  Attributes:
+    texts: the B generated continuations (without the prompt).
+    exit_layers: [B, M] int 1-based layer each generated token came from.
+    num_layers: N.
+    tokens_per_second: generated tokens (all rows) per second of the timed call, compile
+      excluded.
+    cost: the `DecodeCost` of the decode.
+    baseline_tokens_per_second: the same decode at full depth (same code, no exits), or
+      None if not asked for.
+  """
+
+  texts: list[str]
+  exit_layers: np.ndarray
+  num_layers: int
+  tokens_per_second: float
+  cost: DecodeCost
+  baseline_tokens_per_second: float | None = None
+
+
+def _timed(fn) -> tuple[Any, float]:
+  """Runs `fn` once to compile, then returns (result, seconds) of the best of two timed calls."""
+  import time
+
+  jax.block_until_ready(fn())
+  best = math.inf
+  for _ in range(2):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - start)
+  return out, best
+
+
+def generate_text(checkpoint_dir: str, prompt: str, max_new_tokens: int, threshold: float,
+                  *, exit_layers: Sequence[int] | None = None, batch: int = 1,
+                  baseline: bool = False, **kwargs) -> TextGeneration:
+  """Loads a checkpoint and continues `prompt` with early-exit decoding.
+
+  Args:
+    checkpoint_dir: a `deepexit-train` workdir or a `save_model` directory with a tokenizer.
+    prompt: the text to continue (at least one character the tokenizer knows).
+    max_new_tokens: tokens to generate.
+    threshold: confidence threshold (`inf` = never exit).
+    exit_layers: 1-based exit layers; None uses the run's configured ones (or layer N).
+    batch: decode this many copies of the prompt at once (a throughput figure; with
+      sampling the rows differ).
+    baseline: also time the full-depth decode of the same prompt.
+    **kwargs: measure, kv_policy, batch_exit, temperature, top_k, rng, max_pending
+      (see `generate`).
+
+  Returns:
+    A `TextGeneration`.
+  """
+  from deepexit_jax import checkpoint
+
+  ckpt = checkpoint.load_checkpoint(checkpoint_dir)
+  if ckpt.tokenizer is None:
+    raise UserError(f"{checkpoint_dir} has no tokenizer.json: generate from a deepexit-train "
+                    "workdir (or save_model(..., tokenizer=...))")
+  model, n = ckpt.model, ckpt.model.config.num_layers
+  if exit_layers is None:
+    exit_layers = tuple((ckpt.experiment or {}).get("exit_layers", (n,)))
+  if not prompt:
+    raise UserError("the prompt is empty: pass at least one character with --prompt")
+  ids = ckpt.tokenizer.encode(prompt)
+  unk = getattr(ckpt.tokenizer, "UNK_ID", None)
+  if unk is not None and (ids == unk).any():
+    unknown = sorted({c for c, i in zip(prompt, ids) if i == unk})
+    raise UserError(f"the prompt holds characters the model never saw in training "
+                    f"{''.join(unknown)!r}: remove or replace them")
+  if not isinstance(batch, int) or batch < 1:
+    raise UserError(f"batch={batch!r} must be an integer >= 1")
+  prompt_BP = np.tile(ids[None], (batch, 1))
+
+  def call(layers):
+    return lambda: generate(model, prompt_BP, max_new_tokens, threshold, exit_layers=layers,
+                            **kwargs)
+
+  result, seconds = _timed(call(exit_layers))
+  base_tps = None
+  if baseline:
+    _, base_seconds = _timed(call((n,)))
+    base_tps = batch * max_new_tokens / base_seconds
+  new_BM = np.asarray(result.new_tokens)
+  cost = decode_cost(model.config, result, measure=kwargs.get("measure", "softmax"),
+                     kv_policy=kwargs.get("kv_policy", "copy"))
+  return TextGeneration(
+      texts=[ckpt.tokenizer.decode(row) for row in new_BM],
+      exit_layers=np.asarray(result.exit_layer), num_layers=n,
+      tokens_per_second=batch * max_new_tokens / seconds, cost=cost,
+      baseline_tokens_per_second=base_tps)
+
+
+_LAYER_DIGITS = "123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def exit_layer_lines(text: str, exit_layers: Sequence[int], width: int = 72) -> list[str]:
+  """The text in lines of `width` characters, each followed by a line of exit layers.
+
+  Layer k is written as one character under its token (1-9, then a, b, ... for 10, 11,
+  ...); newlines and tabs show as a visible symbol so the columns stay aligned.
+  """
+  shown = "".join({"\n": "\u21b5", "\t": "\u2192"}.get(c, c) for c in text)
+  digits = "".join(_LAYER_DIGITS[k - 1] if 1 <= k <= len(_LAYER_DIGITS) else "?"
+                   for k in exit_layers)
+  lines = []
+  for i in range(0, len(shown), width):
+    lines += [shown[i:i + width], digits[i:i + width]]
+  return lines
+
+
+def run() -> None:
+  """The `deepexit-generate` binary; flags are defined here so importing stays flag-free."""
+  from absl import flags
+
+  from deepexit_jax import cli
+
+  ckpt_flag = flags.DEFINE_string("checkpoint", None, "Workdir of a deepexit-train run.")
+  prompt_flag = flags.DEFINE_string("prompt", None, "Text to continue.")
+  new_flag = flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate.")
+  thr_flag = flags.DEFINE_float("threshold", 0.9, "Confidence threshold (inf = never exit).")
+  exits_flag = flags.DEFINE_list("exit_layers", None, "1-based exit layers (default: the "
+                                 "run's configured exit_layers).")
+  measure_flag = flags.DEFINE_enum("measure", "softmax", list(MEASURES), "Confidence measure.")
+  kv_flag = flags.DEFINE_enum("kv_policy", "copy", list(KV_POLICIES), "KV policy of "
+                              "skipped layers.")
+  batch_exit_flag = flags.DEFINE_enum("batch_exit", "sync", list(BATCH_EXITS),
+                                      "Batch rule: all rows exit together, or per row.")
+  batch_flag = flags.DEFINE_integer("batch", 1, "Decode this many copies of the prompt.")
+  temp_flag = flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.")
+  topk_flag = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens.")
+  seed_flag = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  show_flag = flags.DEFINE_bool("show_exits", False, "Print each token's exit layer under it.")
+  base_flag = flags.DEFINE_bool("baseline", False, "Also time full-depth decoding.")
+
+  def main(argv):
+    del argv
+    if not ckpt_flag.value:
+      raise UserError("--checkpoint is required: the --workdir of a deepexit-train run")
+    if prompt_flag.value is None:
+      raise UserError("--prompt is required: the text to continue")
+    try:
+      layers = [int(x) for x in exits_flag.value] if exits_flag.value else None
+    except ValueError:
+      raise UserError(f"--exit_layers={exits_flag.value} must be integers, e.g. 2 or 1,2,3"
+                      ) from None
+    cli.log_devices()
+    gen = generate_text(
+        ckpt_flag.value, prompt_flag.value, new_flag.value, thr_flag.value,
+        exit_layers=layers, batch=batch_flag.value, baseline=base_flag.value,
+        measure=measure_flag.value, kv_policy=kv_flag.value,
+        batch_exit=batch_exit_flag.value, temperature=temp_flag.value, top_k=topk_flag.value,
+        rng=jax.random.key(seed_flag.value))
+    for b, text in enumerate(gen.texts):
+      if len(gen.texts) > 1:
+        print(f"--- row {b}")
+      if show_flag.value:
+        print("\n".join(exit_layer_lines(text, gen.exit_layers[b].tolist())))
+      else:
+        print(prompt_flag.value + text)
+    c = gen.cost
+    print(f"tokens/s {gen.tokens_per_second:,.0f} | mean exit layer {c.mean_exit_layer:.2f} "
+          f"of {gen.num_layers} | mean layers run {c.mean_layers_run:.2f} | FLOPs "
+          f"{100 * c.executed / c.full_depth:.1f}% of full depth")
+    if gen.baseline_tokens_per_second is not None:
+      print(f"full depth tokens/s {gen.baseline_tokens_per_second:,.0f} | measured speedup "
+            f"{gen.tokens_per_second / gen.baseline_tokens_per_second:.2f}x | ideal (FLOPs) "
+            f"{c.full_depth / c.executed:.2f}x")
+
+  cli.run_main(main)
+
+
+if __name__ == "__main__":
+  run()

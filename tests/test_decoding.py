@@ -1,0 +1,256 @@
+"""Tests for real early-exit decoding: equal to the emulation, batch rules, generation, binary."""
+
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepexit_jax import decoding, exits
+from deepexit_jax.checkpoint import save_model
+from deepexit_jax.errors import UserError
+from deepexit_jax.model import ModelConfig, all_layer_logits, create_model
+from deepexit_jax.tokenizers import CharTokenizer
+
+CONFIG = ModelConfig(vocab_size=23, num_layers=4, dim=16, num_heads=2, max_len=16)
+N = CONFIG.num_layers
+EXITS = (1, 2, 3)
+# Thresholds that exit some tokens early and send others deeper for the model below.
+THRESHOLDS = {"softmax": 0.6, "margin": 0.3, "entropy": -1.0, "state": 0.9}
+
+
+@functools.cache
+def _model():
+  """A tiny random model whose layers disagree and whose confidences spread (as in
+  test_exits.py)."""
+  model = create_model(CONFIG, seed=0)
+  model.unembed.kernel[...] = model.unembed.kernel[...] * 40
+  for name in ("qkv", "attn_out", "fc1", "fc2"):
+    kernel = getattr(model.blocks, name).kernel
+    kernel[...] = kernel[...] * 5
+  return model
+
+
+@functools.cache
+def _tokens(b=3, t=12):
+  return np.random.default_rng(1).integers(0, CONFIG.vocab_size, (b, t)).astype(np.int32)
+
+
+def _assert_equals_emulation(res, emu):
+  np.testing.assert_array_equal(np.asarray(res.exit_layer), np.asarray(emu.exit_layer))
+  np.testing.assert_allclose(np.asarray(res.logits), np.asarray(emu.logits), atol=1e-4,
+                             rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(res.confidence), np.asarray(emu.confidence),
+                             atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_policy, measure", [
+    ("copy", "softmax"), ("copy", "entropy"), ("copy", "state"),
+    ("recompute", "softmax"), ("recompute", "margin"),
+])
+def test_teacher_forced_decoder_equals_the_emulation(kv_policy, measure):
+  """The incremental decoder reproduces `predict_with_exit` exit layers and logits."""
+  model, tokens, thr = _model(), _tokens(), THRESHOLDS[measure]
+  res = decoding.decode_teacher_forced(model, tokens, thr, exit_layers=EXITS, measure=measure,
+                                       kv_policy=kv_policy, batch_exit="row")
+  emu = exits.predict_with_exit(model, tokens, thr, exit_layers=EXITS, measure=measure,
+                                kv_policy=decoding.EMULATED_POLICY[kv_policy])
+  exit_layer = np.asarray(emu.exit_layer)
+  # The test means something only if exits are mixed.
+  assert (exit_layer < N).any() and (exit_layer > 1).any()
+  _assert_equals_emulation(res, emu)
+  # Row rule: the batch runs as deep as its deepest row, no deeper, under copy.
+  if kv_policy == "copy":
+    np.testing.assert_array_equal(np.asarray(res.layers_run), exit_layer.max(0))
+    assert (np.asarray(res.recomputed_layers) == 0).all()
+
+
+@pytest.mark.parametrize("max_pending", [1, 3])
+def test_recompute_catch_up_and_queue_overflow_stay_exact(max_pending):
+  """Pending positions are caught up before anyone attends to their deeper layers; a full
+  queue makes a token run to full depth, which changes no output."""
+  model, tokens = _model(), _tokens()
+  for thr in (0.0, THRESHOLDS["softmax"]):
+    res = decoding.decode_teacher_forced(model, tokens, thr, exit_layers=EXITS,
+                                         kv_policy="recompute", max_pending=max_pending)
+    emu = exits.predict_with_exit(model, tokens, thr, exit_layers=EXITS, kv_policy="oracle")
+    _assert_equals_emulation(res, emu)
+    recomputed, run = np.asarray(res.recomputed_layers), np.asarray(res.layers_run)
+    assert recomputed.sum() > 0
+    if thr == 0.0:  # Everyone exits at layer 1: the queue fills, then a flush to layer N.
+      assert (run == N).sum() == len(run) // (max_pending + 1)
+      assert recomputed.max() == max_pending * (N - 1)
+
+
+@pytest.mark.parametrize("kv_policy", decoding.KV_POLICIES)
+def test_sync_batch_exits_when_every_row_is_confident(kv_policy):
+  model, tokens, thr = _model(), _tokens(), THRESHOLDS["softmax"]
+  res = decoding.decode_teacher_forced(model, tokens, thr, exit_layers=EXITS,
+                                       kv_policy=kv_policy, batch_exit="sync")
+  exit_BM = np.asarray(res.exit_layer)
+  conf_BME = np.asarray(res.checked_confidence)
+  assert (exit_BM == exit_BM[:1]).all()  # One exit layer per step for the whole batch.
+  assert len(set(exit_BM[0].tolist())) > 1
+  for m, k in enumerate(exit_BM[0]):
+    for j, layer in enumerate(EXITS):
+      if layer < k:  # Checked, and some row was not confident.
+        assert (conf_BME[:, m, j] < thr).any()
+      elif layer == k:  # Every row confident.
+        assert (conf_BME[:, m, j] >= thr).all()
+      else:  # Never checked.
+        assert np.isnan(conf_BME[:, m, j]).all()
+  # Row rule on the same text: each row exits at its first confident check.
+  row = decoding.decode_teacher_forced(model, tokens, thr, exit_layers=EXITS,
+                                       kv_policy=kv_policy, batch_exit="row")
+  conf_row = np.asarray(row.checked_confidence)
+  first = np.where((conf_row >= thr).any(-1), np.asarray(EXITS)[np.argmax(conf_row >= thr, -1)],
+                   N)
+  np.testing.assert_array_equal(np.asarray(row.exit_layer), first)
+  assert not (np.asarray(row.exit_layer) == np.asarray(row.exit_layer)[:1]).all()
+
+
+def test_single_row_sync_equals_the_emulation():
+  model, tokens, thr = _model(), _tokens()[:1], THRESHOLDS["softmax"]
+  res = decoding.decode_teacher_forced(model, tokens, thr, exit_layers=EXITS, batch_exit="sync")
+  emu = exits.predict_with_exit(model, tokens, thr, exit_layers=EXITS, kv_policy="copy")
+  _assert_equals_emulation(res, emu)
+
+
+def _naive_greedy(model, prompt_BP, steps):
+  """Greedy decoding that reruns the full forward pass on the whole text every step."""
+  tokens = np.asarray(prompt_BP)
+  for _ in range(steps):
+    padded = np.zeros((tokens.shape[0], CONFIG.max_len), np.int32)
+    padded[:, :tokens.shape[1]] = tokens  # Causal: the padding does not change the logits.
+    last = np.asarray(all_layer_logits(model, padded))[-1, :, tokens.shape[1] - 1]
+    tokens = np.concatenate([tokens, last.argmax(-1)[:, None].astype(np.int32)], 1)
+  return tokens
+
+
+def test_never_exiting_greedy_equals_full_depth_greedy():
+  model, prompt = _model(), _tokens(2, 5)
+  steps = CONFIG.max_len - prompt.shape[1] + 1  # Fills the cache exactly.
+  full = decoding.generate(model, prompt, steps, jnp.inf, exit_layers=(N,))
+  np.testing.assert_array_equal(np.asarray(full.tokens), _naive_greedy(model, prompt, steps))
+  assert (np.asarray(full.exit_layer) == N).all() and (np.asarray(full.checks) == 0).all()
+  for kv_policy in decoding.KV_POLICIES:
+    never = decoding.generate(model, prompt, steps, jnp.inf, exit_layers=EXITS,
+                              kv_policy=kv_policy)
+    np.testing.assert_array_equal(np.asarray(never.tokens), np.asarray(full.tokens))
+    assert (np.asarray(never.checks) == len(EXITS)).all()
+
+
+def test_full_depth_baseline_is_the_same_code_without_conds():
+  model, prompt = _model(), _tokens(1, 4)
+
+  def conds(exit_layers):
+    jaxpr = jax.make_jaxpr(lambda p: decoding.generate(
+        model, p, 4, 0.5, exit_layers=exit_layers).tokens)(jnp.asarray(prompt))
+    return str(jaxpr).count(" cond[")
+
+  assert conds((N,)) == 0
+  assert conds(EXITS) >= len(EXITS)
+
+
+def test_generated_tokens_follow_the_exit_logits_and_threshold_is_traced():
+  model, prompt = _model(), _tokens(2, 3)
+  jitted = decoding._decode_jit(False)
+  res = decoding.generate(model, prompt, 8, 0.6, exit_layers=EXITS, return_logits=True)
+  size = jitted._cache_size()
+  again = decoding.generate(model, prompt, 8, 0.2, exit_layers=EXITS, return_logits=True)
+  assert jitted._cache_size() == size  # A new threshold does not recompile.
+  assert (np.asarray(again.exit_layer) <= np.asarray(res.exit_layer)).mean() > 0.5
+  np.testing.assert_array_equal(np.asarray(res.new_tokens),
+                                np.asarray(res.logits).argmax(-1))
+  # Sampling with top_k=1 is greedy whatever the temperature and seed.
+  top1 = decoding.generate(model, prompt, 8, 0.6, exit_layers=EXITS, temperature=2.0,
+                           top_k=1, rng=jax.random.key(3))
+  np.testing.assert_array_equal(np.asarray(top1.tokens), np.asarray(res.tokens))
+
+
+def test_decode_cost_of_copy_at_batch_one_is_the_emulations():
+  model, tokens = _model(), _tokens()[:1]
+  res = decoding.decode_teacher_forced(model, tokens, 0.6, exit_layers=EXITS, batch_exit="sync")
+  cost = decoding.decode_cost(CONFIG, res)
+  emu = exits.predict_with_exit(model, tokens, 0.6, exit_layers=EXITS, kv_policy="copy")
+  counter = exits.FlopCounter.from_config(CONFIG)
+  t = np.arange(tokens.shape[1])
+  np.testing.assert_allclose(cost.full_depth, counter.full_depth(t).sum())
+  np.testing.assert_allclose(cost.ideal / cost.full_depth,
+                             np.sum(np.asarray(emu.flops_fraction) * counter.full_depth(t))
+                             / counter.full_depth(t).sum(), rtol=1e-5)
+  np.testing.assert_allclose(cost.executed, cost.ideal, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompt=np.zeros((1, 0), np.int32)), "at least one token"),
+    (dict(max_new_tokens=CONFIG.max_len + 1), "max_len"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(threshold=float("nan")), "NaN"),
+    (dict(threshold=-0.5), "negative"),
+    (dict(exit_layers=(2, 5)), "layers are numbered"),
+    (dict(kv_policy="oracle"), "kv_policy"),
+    (dict(batch_exit="any"), "batch_exit"),
+    (dict(measure="probe"), "measure"),
+    (dict(prompt=np.array([[1, 99]])), "vocabulary"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=3), "temperature > 0"),
+    (dict(max_pending=0), "max_pending"),
+])
+def test_bad_inputs(kwargs, match):
+  args = dict(prompt=_tokens(1, 3), max_new_tokens=4, threshold=0.5)
+  args.update(kwargs)
+  with pytest.raises(UserError, match=match):
+    decoding.generate(_model(), args.pop("prompt"), args.pop("max_new_tokens"),
+                      args.pop("threshold"), **args)
+
+
+def test_exit_layer_lines_align_digits_under_characters():
+  lines = decoding.exit_layer_lines("ab\ncd", [1, 2, 12, 4, 3], width=3)
+  assert lines == ["ab\u21b5", "12c", "cd", "43"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+  """A saved (untrained) model with a character tokenizer, as the binary loads it."""
+  from conftest import corpus_text
+
+  text = corpus_text(2000)
+  tok = CharTokenizer.fit(text)
+  model = create_model(ModelConfig(vocab_size=tok.vocab_size, num_layers=3, dim=16,
+                                   num_heads=2, max_len=32))
+  return save_model(model, str(tmp_path_factory.mktemp("gen") / "ckpt"), tokenizer=tok)
+
+
+def _binary(*args):
+  return subprocess.run([sys.executable, "-m", "deepexit_jax.decoding", *args],
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_binary_prints_text_exit_layers_and_speed(checkpoint_dir):
+  ok = _binary(f"--checkpoint={checkpoint_dir}", "--prompt=The ", "--max_new_tokens=20",
+               "--threshold=0.0", "--exit_layers=1,2", "--show_exits", "--baseline")
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  lines = ok.stdout.splitlines()
+  # Threshold 0 exits every generated token at layer 1: a row of 1s under the text.
+  assert lines[1] == "1" * 20 and len(lines[0]) == 20
+  assert "tokens/s" in ok.stdout and "mean exit layer 1.00 of 3" in ok.stdout
+  assert "measured speedup" in ok.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--prompt=",), "prompt is empty"),
+    (("--prompt=ab\u00e9\u4e2d",), "never saw"),
+    (("--prompt=The", "--max_new_tokens=40"), "max_len"),
+    (("--prompt=The", "--threshold=nan"), "NaN"),
+])
+def test_binary_bad_input_is_one_line(checkpoint_dir, args, words):
+  bad = _binary(f"--checkpoint={checkpoint_dir}", *args)
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1].startswith("error:")
+  assert words in bad.stderr and "Traceback" not in bad.stderr
