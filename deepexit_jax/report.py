@@ -158,6 +158,44 @@ def plot(report: SweepReport, path: str,
   plt.close(fig)
 
 
+def plot_measures(reports: dict[str, SweepReport], path: str, title: str = "") -> None:
+  """PPL versus FLOPs of several sweeps of one model (e.g. softmax vs a probe), one chart.
+
+  Args:
+    reports: sweeps by curve name; each KV policy gets its own curve, and the first
+      report's full-depth and oracle-bound rows are marked.
+    path: PNG file to write.
+    title: figure title.
+  """
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for name, rep in reports.items():
+    for policy, style in (("oracle", "o-"), ("copy", "s--")):
+      rows = sorted((r for r in rep.rows if r.kind == "threshold" and r.kv_policy == policy
+                     and math.isfinite(r.threshold)), key=lambda r: r.flops_fraction)
+      if rows:
+        ax.plot([100 * r.flops_fraction for r in rows], [r.ppl for r in rows], style, ms=4,
+                alpha=0.8, label=f"{name}, KV {policy}")
+  first = next(iter(reports.values()))
+  for r in first.rows:
+    if r.kind in ("full", "oracle", "static"):
+      marker = {"full": "*", "oracle": "D", "static": "s"}[r.kind]
+      ax.plot(100 * r.flops_fraction, r.ppl, marker, color="black", ms=10, mfc="none",
+              label=r.label)
+  ax.set_xlabel("compute: FLOPs / full-depth FLOPs (%), exit checks included")
+  ax.set_ylabel("validation PPL")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title(title or "Early exit: PPL vs FLOPs by confidence measure")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def write_report(report: SweepReport, out_dir: str,
                  overlay: Sequence[tuple[str, float, float]] = ()) -> dict[str, str]:
   """Writes sweep.md, sweep.csv, sweep.json and sweep.png into `out_dir`."""

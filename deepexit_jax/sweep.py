@@ -395,6 +395,9 @@ def run() -> None:
   static_flag = flags.DEFINE_list("static", [], "Workdirs of static-depth baselines.")
   data_flag = flags.DEFINE_string("data_dir", None, "Override the run's data.data_dir.")
   overlay_flag = flags.DEFINE_string("overlay", None, "JSON of reference points to overlay.")
+  probe_flag = flags.DEFINE_string("probe", None, "Directory of a saturation probe saved by "
+                                   "deepexit-probe (e.g. OUT/probes/best); sets the measure "
+                                   "to 'probe' (its confidence: P(top-1 settled)).")
 
   def main(argv):
     del argv
@@ -410,11 +413,21 @@ def run() -> None:
                       ) from None
     cli.log_devices()
     overlay = load_overlay(overlay_flag.value) if overlay_flag.value else ()
+    probe, measure = None, measure_flag.value
+    if probe_flag.value:
+      from deepexit_jax import probes
+
+      probe = probes.load_probe(probe_flag.value,
+                                checkpoint.read_model_config(ckpt_flag.value))
+      measure = "probe"
     result = run_sweep(ckpt_flag.value, parse_thresholds(thr_flag.value),
-                       exit_layers=exit_layers, measure=measure_flag.value,
+                       exit_layers=exit_layers, measure=measure,
                        kv_policies=kv_flag.value, static_dirs=static_flag.value,
                        data_dir=data_flag.value, routing=routing_flag.value,
-                       seq_quantile=quantile_flag.value, threshold_decay=decay_flag.value)
+                       seq_quantile=quantile_flag.value, threshold_decay=decay_flag.value,
+                       probe=probe)
+    if probe_flag.value:
+      result.metadata["probe"] = os.path.abspath(probe_flag.value)
     out = out_flag.value or os.path.join(ckpt_flag.value, "sweep")
     paths = report.write_report(result, out, overlay)
     print(report.markdown(result))
