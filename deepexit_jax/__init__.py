@@ -30,7 +30,10 @@ from deepexit_jax.tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer
 # The binaries' modules (train, sweep) load on first use, so `python -m
 # deepexit_jax.train` does not find itself already imported by this package.
 _LAZY = {"train": "deepexit_jax.train", "run_sweep": "deepexit_jax.sweep",
-         "SweepReport": "deepexit_jax.sweep", "SweepRow": "deepexit_jax.sweep"}
+         "SweepReport": "deepexit_jax.sweep", "SweepRow": "deepexit_jax.sweep",
+         **{name: "deepexit_jax.probes" for name in (
+             "Collection", "ProbeStudy", "SaturationProbe", "collect", "fit_probe",
+             "load_probe", "run_probes", "run_study", "save_probe")}}
 
 
 def __getattr__(name):
@@ -43,6 +46,15 @@ def __getattr__(name):
 __all__ = [
     "ByteTokenizer",
     "CharTokenizer",
+    "Collection",
+    "ProbeStudy",
+    "SaturationProbe",
+    "collect",
+    "fit_probe",
+    "load_probe",
+    "run_probes",
+    "run_study",
+    "save_probe",
     "ConfidenceProbe",
     "ExitResult",
     "FlopCounter",
