@@ -1062,16 +1062,19 @@ def plot(study: ProbeStudy, path: str) -> None:
   ax.legend(loc="upper left", fontsize=7)
   ax2.legend(loc="lower right", fontsize=7)
   ax = axes[1, 0]
-  label = study.metadata["labels"][0]
-  for name in dict.fromkeys(r["predictor"] for r in study.rows if r["label"] == label):
+  # AUROC, not F1: with most tokens settled, F1 mostly restates the base rate.
+  label = study.metadata.get("exit_label", study.metadata["labels"][0])
+  if label not in study.metadata["labels"]:
+    label = study.metadata["labels"][0]
+  names = list(dict.fromkeys(r["predictor"] for r in study.rows if r["label"] == label))
+  for name in names:
     rows = [r for r in study.rows if r["label"] == label and r["predictor"] == name]
-    ax.plot([r["layer"] for r in rows], [100 * r["f1"] for r in rows], "o-", ms=3,
-            label=name)
-  rows = [r for r in study.rows if r["label"] == label]
-  base = {r["layer"]: r["all_positive_f1"] for r in rows}
-  ax.plot(list(base), [100 * v for v in base.values()], "k:", label="always settled")
-  ax.set_xticks(xs, [t["transition"] for t in tr])
-  ax.set_title(f"held-out F1 (positive = settled), label `{label}`")
+    ax.plot([r["layer"] for r in rows], [r["auroc"] for r in rows], marker="o", ms=3,
+            color=plt.cm.tab10(names.index(name.removesuffix("_balanced")) % 10),
+            ls="--" if name.endswith("_balanced") else "-", label=name)
+  ax.axhline(0.5, color="black", ls=":", label="chance")
+  ax.set_xticks(xs, [f"layer {x}" for x in xs])
+  ax.set_title(f"held-out AUROC of 'settled', label `{label}`")
   ax.legend(fontsize=6, ncol=2)
   ax = axes[1, 1]
   per_rank = an["topk"]["per_rank"]
