@@ -261,6 +261,7 @@ class DeepSupervisionTransformer(nnx.Module):
       carry: Any = None,
       *,
       dropout_rng: Array | None = None,
+      layer_keep_NB: Array | None = None,
       use_scan: bool = True,
   ) -> tuple[Array, Any, Any]:
     """Runs every block in order, letting `body` decide what each layer keeps.
@@ -272,6 +273,9 @@ class DeepSupervisionTransformer(nnx.Module):
         `h_next` what layer i+1 receives. `out` is stacked over layers.
       carry: extra state threaded through the layers.
       dropout_rng: PRNG key for dropout; None disables dropout.
+      layer_keep_NB: layer dropout (LayerSkip), bool [N, B]: where False, sample
+        b skips block i (its h_out is its h_in). Applied inside the scan, before
+        `body` sees h_out; None (evaluation) runs every block.
       use_scan: True runs one `lax.scan`; False a Python loop (same results;
         kept as the readable reference and tested against the scan).
 
@@ -284,15 +288,17 @@ class DeepSupervisionTransformer(nnx.Module):
 
     def step(c, xs):
       h_in, extra = c
-      layer_state, i, key = xs
+      layer_state, i, key, keep_B = xs
       h_out = nnx.merge(graphdef, layer_state)(h_in, key)
+      if keep_B is not None:
+        h_out = jnp.where(keep_B[:, None, None], h_out, h_in)
       h_next, extra, out = body(i, h_in, h_out, extra)
       return (h_next, extra), out
 
     policy = REMAT_POLICIES[self.config.remat]
     if policy is not None:
       step = jax.checkpoint(step, policy=policy, prevent_cse=False)
-    xs = (state, jnp.arange(n), keys_N2)
+    xs = (state, jnp.arange(n), keys_N2, layer_keep_NB)
     if use_scan:
       (h_BTD, carry), outs = jax.lax.scan(step, (h_BTD, carry), xs)
       return h_BTD, carry, outs
@@ -308,6 +314,7 @@ class DeepSupervisionTransformer(nnx.Module):
       *,
       per_layer_fn: Callable[[Array], Any] | None = None,
       dropout_rng: Array | None = None,
+      layer_keep_NB: Array | None = None,
       use_scan: bool = True,
   ) -> ModelOutput:
     """Full-depth forward pass returning every layer's hidden state and head output.
@@ -318,6 +325,7 @@ class DeepSupervisionTransformer(nnx.Module):
         for that layer; default `self.head` (logits). Runs inside the scan, so a
         summary function never materialises [N, B, T, V].
       dropout_rng: PRNG key enabling dropout (training); None for evaluation.
+      layer_keep_NB: per-sample layer dropout mask (training); see `scan_layers`.
       use_scan: see `scan_layers`.
 
     Returns:
@@ -331,7 +339,7 @@ class DeepSupervisionTransformer(nnx.Module):
       return h_out, carry, (h_out, fn(h_out))
 
     _, _, (hidden_NBTD, per_layer) = self.scan_layers(
-        h0_BTD, body, dropout_rng=dropout_rng, use_scan=use_scan)
+        h0_BTD, body, dropout_rng=dropout_rng, layer_keep_NB=layer_keep_NB, use_scan=use_scan)
     return ModelOutput(embed_BTD=h0_BTD, hidden_NBTD=hidden_NBTD, per_layer=per_layer)
 
 
