@@ -13,7 +13,7 @@ import ml_collections
 
 from deepexit_jax.data import DataConfig
 from deepexit_jax.errors import UserError
-from deepexit_jax.losses import resolve_loss_weights
+from deepexit_jax.losses import CURRICULA, resolve_loss_weights
 from deepexit_jax.model import ModelConfig
 
 
@@ -66,6 +66,64 @@ class TrainConfig:
     _check_float("train.b2", self.b2, 0.0, 1.0)
 
 
+LAYER_DROPOUT_SCHEDULES = ("uniform", "linear", "exponential")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig:
+  """Training recipes on top of the loss weights (BUILD_NOTES.md, Training recipes).
+
+  The defaults switch every recipe off; a run with them trains exactly as
+  without this section.
+
+  Attributes:
+    curriculum: early-exit loss curriculum (LayerSkip): "none", "rotational" (a
+      different subset of the early exits each step) or "gradual" (early exits
+      enabled from the top down); see `losses.curriculum_mask`.
+    rotation_period: rotational: each early exit trains every this many steps.
+    gradual_fraction: gradual: the shallowest exit joins after this fraction
+      of training.
+    layer_dropout: LayerSkip layer dropout: the largest per-sample probability of
+      skipping a block in training (0 disables; never applied in evaluation).
+    layer_dropout_schedule: how the probability rises with depth, p_l =
+      layer_dropout * D(l) for 0-based l of N: "uniform" D = 1, "linear"
+      D = l / (N - 1), "exponential" D = 2^(l / (N - 1)) - 1.
+    confidence_power: EE-LLM-style confidence-aware early-exit loss: tokens are
+      weighted by the exit's max-probability to this power (0 disables).
+    kd_weight: FREE's shallow-deep self-distillation: each early exit's term is
+      (1 - kd_weight) * CE + kd_weight * KL(deepest supervised exit || exit)
+      (0 disables).
+    kd_temperature: softmax temperature of the distillation.
+  """
+
+  curriculum: str = "none"
+  rotation_period: int = 2
+  gradual_fraction: float = 0.5
+  layer_dropout: float = 0.0
+  layer_dropout_schedule: str = "exponential"
+  confidence_power: float = 0.0
+  kd_weight: float = 0.0
+  kd_temperature: float = 1.0
+
+  def __post_init__(self):
+    if self.curriculum not in CURRICULA:
+      raise UserError(f"recipe.curriculum={self.curriculum!r}: choose one of "
+                      f"{', '.join(CURRICULA)}")
+    if self.layer_dropout_schedule not in LAYER_DROPOUT_SCHEDULES:
+      raise UserError(f"recipe.layer_dropout_schedule={self.layer_dropout_schedule!r}: "
+                      f"choose one of {', '.join(LAYER_DROPOUT_SCHEDULES)}")
+    _check_int("recipe.rotation_period", self.rotation_period, 1)
+    _check_float("recipe.gradual_fraction", self.gradual_fraction, 0.0, 1.0)
+    _check_float("recipe.layer_dropout", self.layer_dropout, 0.0, 0.99)
+    _check_float("recipe.confidence_power", self.confidence_power, 0.0, 10.0)
+    _check_float("recipe.kd_weight", self.kd_weight, 0.0, 1.0)
+    _check_float("recipe.kd_temperature", self.kd_temperature, 0.0, 100.0, low_open=True)
+
+  @property
+  def is_default(self) -> bool:
+    return self == RecipeConfig()
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   """Everything one training run needs.
@@ -77,6 +135,7 @@ class ExperimentConfig:
     loss_weights: deep-supervision weights (see `losses.resolve_loss_weights`).
     exit_layers: 1-based layers at which tokens may exit (for sweeps).
     train: optimisation.
+    recipe: curricula, layer dropout, confidence weighting, distillation.
   """
 
   model: ModelConfig
@@ -84,6 +143,7 @@ class ExperimentConfig:
   loss_weights: str
   exit_layers: tuple[int, ...]
   train: TrainConfig
+  recipe: RecipeConfig = dataclasses.field(default_factory=lambda: RecipeConfig())
 
   def __post_init__(self):
     n = self.model.num_layers
@@ -111,18 +171,20 @@ class ExperimentConfig:
         "loss_weights": self.loss_weights,
         "exit_layers": list(self.exit_layers),
         "train": dataclasses.asdict(self.train),
+        "recipe": dataclasses.asdict(self.recipe),
     }
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any] | ml_collections.ConfigDict) -> ExperimentConfig:
-    """Validates a (Config)dict with keys model, data, loss_weights, exit_layers, train."""
+    """Validates a (Config)dict with keys model, data, loss_weights, exit_layers, train
+    and (optional) recipe."""
     if isinstance(d, ml_collections.ConfigDict):
       d = d.to_dict()
     d = dict(d)
-    unknown = set(d) - {"model", "data", "loss_weights", "exit_layers", "train"}
+    unknown = set(d) - {"model", "data", "loss_weights", "exit_layers", "train", "recipe"}
     if unknown:
       raise UserError(f"unknown config section(s) {sorted(unknown)}: "
-                      "allowed are model, data, loss_weights, exit_layers, train")
+                      "allowed are model, data, loss_weights, exit_layers, train, recipe")
     model = dict(d.get("model", {}))
     model.setdefault("vocab_size", 1)  # Placeholder until the tokenizer is known.
     weights = d.get("loss_weights", "final")
@@ -134,6 +196,7 @@ class ExperimentConfig:
         loss_weights=str(weights),
         exit_layers=tuple(int(e) for e in d.get("exit_layers", (model.get("num_layers", 1),))),
         train=_build(TrainConfig, dict(d.get("train", {})), "train"),
+        recipe=_build(RecipeConfig, dict(d.get("recipe") or {}), "recipe"),
     )
 
 

@@ -26,7 +26,7 @@ from absl import flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from deepexit_jax import checkpoint, cli, data, tokenizers, xla_options
+from deepexit_jax import checkpoint, cli, data, losses, tokenizers, xla_options
 from deepexit_jax.config import ExperimentConfig, TrainConfig
 from deepexit_jax.errors import UserError
 from deepexit_jax.losses import deep_supervision_loss, resolve_loss_weights, token_nll
@@ -90,16 +90,18 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
 
 def layer_nll(model: DeepSupervisionTransformer, inputs_BT: jax.Array, targets_BT: jax.Array,
               weights_N: np.ndarray | None = None,
-              dropout_rng: jax.Array | None = None) -> jax.Array:
+              dropout_rng: jax.Array | None = None,
+              layer_keep_NB: jax.Array | None = None) -> jax.Array:
   """Every layer's per-token NLL [N, B, T] of `targets_BT`.
 
   The layer scan keeps only hidden states; the exit head then runs outside it as
   one batched matmul per group of layers. With `weights_N` (static numpy), layers
   of zero weight are computed under `stop_gradient`: still reported, but no
-  backward pass through their head.
+  backward pass through their head. `layer_keep_NB` is the layer-dropout mask
+  (`layer_keep_mask`), applied inside the scan.
   """
   hidden_NBTD = model(inputs_BT, per_layer_fn=lambda h: None,
-                      dropout_rng=dropout_rng).hidden_NBTD
+                      dropout_rng=dropout_rng, layer_keep_NB=layer_keep_NB).hidden_NBTD
   n = hidden_NBTD.shape[0]
   trained = list(range(n)) if weights_N is None else [i for i in range(n) if weights_N[i] > 0]
   frozen = [i for i in range(n) if i not in trained]
@@ -111,6 +113,79 @@ def layer_nll(model: DeepSupervisionTransformer, inputs_BT: jax.Array, targets_B
       for j, i in enumerate(group):
         nll_NBT[i] = nll_GBT[j]
   return jnp.stack(nll_NBT)
+
+
+@flax.struct.dataclass
+class ExitTerms:
+  """Per-layer, per-token training terms of the confidence and distillation recipes.
+
+  Attributes:
+    nll_NBT: each layer's NLL (zero-weight layers under `stop_gradient`).
+    conf_NBT: each exit's max softmax probability (no gradient), or None.
+    kd_NBT: `losses.distillation_kl` of each layer from the teacher, or None.
+  """
+
+  nll_NBT: jax.Array
+  conf_NBT: jax.Array | None
+  kd_NBT: jax.Array | None
+
+
+def exit_terms(model: DeepSupervisionTransformer, inputs_BT: jax.Array, targets_BT: jax.Array,
+               weights_N: np.ndarray, *, confidence: bool, kd_temperature: float | None,
+               dropout_rng: jax.Array | None = None,
+               layer_keep_NB: jax.Array | None = None) -> ExitTerms:
+  """`layer_nll` plus the exits' confidences and the distillation terms.
+
+  The teacher of the distillation is the deepest layer with a positive weight;
+  its own KD row is zero. As in `layer_nll`, zero-weight layers get no gradient.
+
+  Args:
+    model, inputs_BT, targets_BT, weights_N, dropout_rng, layer_keep_NB: as `layer_nll`.
+    confidence: also return `conf_NBT`.
+    kd_temperature: the distillation temperature; None returns no `kd_NBT`.
+  """
+  hidden_NBTD = model(inputs_BT, per_layer_fn=lambda h: None,
+                      dropout_rng=dropout_rng, layer_keep_NB=layer_keep_NB).hidden_NBTD
+  trained = np.flatnonzero(weights_N > 0)
+  grad_N = jnp.asarray(weights_N > 0)[:, None, None, None]
+  h_NBTD = jnp.where(grad_N, hidden_NBTD, jax.lax.stop_gradient(hidden_NBTD))
+  logits_NBTV = model.head(h_NBTD)
+  nll_NBT = token_nll(logits_NBTV, targets_BT[None])
+  conf_NBT = losses.token_confidence(logits_NBTV) if confidence else None
+  kd_NBT = None
+  if kd_temperature is not None:
+    teacher_BTV = logits_NBTV[int(trained[-1])]
+    kd_NBT = jax.vmap(lambda s: losses.distillation_kl(s, teacher_BTV, kd_temperature))(
+        logits_NBTV)
+    kd_NBT = kd_NBT.at[int(trained[-1])].set(0.0)
+  return ExitTerms(nll_NBT=nll_NBT, conf_NBT=conf_NBT, kd_NBT=kd_NBT)
+
+
+def layer_dropout_rates(num_layers: int, rate: float, schedule: str) -> np.ndarray:
+  """LayerSkip's per-layer skip probabilities p_l = rate * D(l), float32 [N].
+
+  D(l) for the 0-based layer l of N: "uniform" 1; "linear" l / (N - 1);
+  "exponential" 2^(l / (N - 1)) - 1 (LayerSkip's e^(l ln 2 / (N - 1)) - 1). Both
+  rising schedules leave layer 1 alone and give the last layer `rate`; a
+  1-layer model gets `rate`.
+  """
+  l_N = np.arange(num_layers, dtype=np.float64)
+  frac_N = l_N / (num_layers - 1) if num_layers > 1 else np.ones(1)
+  if schedule == "uniform":
+    d_N = np.ones(num_layers)
+  elif schedule == "linear":
+    d_N = frac_N
+  elif schedule == "exponential":
+    d_N = np.exp2(frac_N) - 1.0
+  else:
+    raise UserError(f"recipe.layer_dropout_schedule={schedule!r}: choose one of "
+                    "uniform, linear, exponential")
+  return (rate * d_N).astype(np.float32)
+
+
+def layer_keep_mask(key: jax.Array, rates_N: np.ndarray, batch: int) -> jax.Array:
+  """bool [N, B]: sample b runs block i unless an independent draw hits p_i."""
+  return jax.random.uniform(key, (len(rates_N), batch)) >= jnp.asarray(rates_N)[:, None]
 
 
 class Trainer:
@@ -125,13 +200,49 @@ class Trainer:
     self.initial_state = TrainState(params=params, opt_state=self.tx.init(params),
                                     step=jnp.zeros((), jnp.int32))
     self.dropout_key = jax.random.PRNGKey(config.train.seed + 1)
+    self.recipe = config.recipe
+    self.total_steps = total_steps
+    # Its own stream (not a split of dropout_key), so residual dropout is unchanged by it.
+    self.layer_dropout_key = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 0x1D)
+    self.layer_dropout_rates = layer_dropout_rates(
+        config.model.num_layers, config.recipe.layer_dropout,
+        config.recipe.layer_dropout_schedule)
     self.train_step = xla_options.jit(self._train_step, donate_argnums=0)
     self.eval_step = xla_options.jit(self._eval_step)
 
-  def _loss(self, params, inputs_BT, targets_BT, mask_BT, key):
+  def _loss(self, params, inputs_BT, targets_BT, mask_BT, key, step=None):
     model = nnx.merge(self.graphdef, params)
-    nll_NBT = layer_nll(model, inputs_BT, targets_BT, self.weights_np, dropout_rng=key)
-    return deep_supervision_loss(nll_NBT, mask_BT, jnp.asarray(self.weights_np))
+    if step is None or self.recipe.is_default:
+      nll_NBT = layer_nll(model, inputs_BT, targets_BT, self.weights_np, dropout_rng=key)
+      return deep_supervision_loss(nll_NBT, mask_BT, jnp.asarray(self.weights_np))
+    return self._recipe_loss(model, inputs_BT, targets_BT, mask_BT, key, step)
+
+  def _recipe_loss(self, model, inputs_BT, targets_BT, mask_BT, key, step):
+    """The training loss with `config.recipe`'s options (each costs nothing when off)."""
+    r = self.recipe
+    keep_NB = None
+    if r.layer_dropout > 0:
+      keep_NB = layer_keep_mask(jax.random.fold_in(self.layer_dropout_key, step),
+                                self.layer_dropout_rates, inputs_BT.shape[0])
+    weights_N = jnp.asarray(self.weights_np)
+    if r.curriculum != "none":
+      on_N = losses.curriculum_mask(step, self.weights_np, r.curriculum,
+                                    total_steps=self.total_steps,
+                                    rotation_period=r.rotation_period,
+                                    gradual_fraction=r.gradual_fraction)
+      weights_N = losses.curriculum_weights(self.weights_np, on_N)
+    if r.confidence_power == 0 and r.kd_weight == 0:
+      nll_NBT = layer_nll(model, inputs_BT, targets_BT, self.weights_np, dropout_rng=key,
+                          layer_keep_NB=keep_NB)
+      return deep_supervision_loss(nll_NBT, mask_BT, weights_N)
+    terms = exit_terms(model, inputs_BT, targets_BT, self.weights_np,
+                       confidence=r.confidence_power > 0,
+                       kd_temperature=r.kd_temperature if r.kd_weight > 0 else None,
+                       dropout_rng=key, layer_keep_NB=keep_NB)
+    return losses.recipe_loss(
+        terms.nll_NBT, mask_BT, weights_N, teacher_layer=int(np.flatnonzero(self.weights_np)[-1]),
+        conf_NBT=terms.conf_NBT, confidence_power=r.confidence_power, kd_NBT=terms.kd_NBT,
+        kd_weight=r.kd_weight)
 
   def _train_step(self, state: TrainState, inputs_BT, targets_BT):
     key = None
@@ -139,7 +250,7 @@ class Trainer:
       key = jax.random.fold_in(self.dropout_key, state.step)
     mask_BT = jnp.ones(inputs_BT.shape, jnp.float32)
     (loss, layer_nll_N), grads = jax.value_and_grad(self._loss, has_aux=True)(
-        state.params, inputs_BT, targets_BT, mask_BT, key)
+        state.params, inputs_BT, targets_BT, mask_BT, key, state.step)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
@@ -187,6 +298,17 @@ def _diverged(what: str, value: float, step: int, latest: ocp.CheckpointManager,
       "train.warmup_steps, then --resume")
 
 
+def read_eval_records(workdir: str) -> list[dict[str, Any]]:
+  """The evaluation records of a run's metrics.jsonl, one per step, in step order.
+
+  A resumed run may log an evaluation twice; the last record of a step wins.
+  """
+  with open(os.path.join(workdir, METRICS_JSONL)) as f:
+    recs = [json.loads(line) for line in f if line.strip()]
+  by_step = {r["step"]: r for r in recs if r.get("kind") == "eval"}
+  return [by_step[s] for s in sorted(by_step)]
+
+
 def _append_jsonl(path: str, record: dict[str, Any]) -> None:
   with open(path, "a") as f:
     f.write(json.dumps(record) + "\n")
@@ -226,6 +348,8 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
     stored_cfg = ExperimentConfig.from_dict(stored)
     mismatch = [k for k in ("model", "data", "loss_weights")
                 if stored[k] != config.with_vocab_size(stored_cfg.model.vocab_size).to_dict()[k]]
+    if stored_cfg.recipe != config.recipe:
+      mismatch.append("recipe")
     if mismatch:
       raise UserError(f"--resume with a config whose {', '.join(mismatch)} differ(s) from "
                       f"the run in {workdir}: resume with the config it was started with")
