@@ -13,7 +13,6 @@ Flags: --workdir (default runs/threshold_sweep), --epochs (default: the config's
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags, logging
@@ -22,7 +21,7 @@ from ml_collections import ConfigDict
 from deepexit_jax import cli, report, sweep
 from deepexit_jax.checkpoint import read_json
 from deepexit_jax.config import ExperimentConfig, load_config_file
-from deepexit_jax.train import train
+from deepexit_jax.train import read_eval_records, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(HERE, "..", "configs")
@@ -41,17 +40,10 @@ def _history_table(runs: dict[str, str]) -> list[str]:
   lines = ["| model | epoch | " + " | ".join(f"val PPL L{i}" for i in range(1, 5)) + " |",
            "|---|---|" + "---|" * 4]
   for name, wd in runs.items():
-    for rec in _eval_records(wd):
+    for rec in read_eval_records(wd):
       cells = [f"{p:.2f}" for p in rec["layer_ppl"]] + [""] * (4 - len(rec["layer_ppl"]))
       lines.append(f"| {name} | {rec['epoch']:.0f} | " + " | ".join(cells) + " |")
   return lines
-
-
-def _eval_records(wd: str) -> list[dict]:
-  with open(os.path.join(wd, "metrics.jsonl")) as f:
-    recs = [json.loads(line) for line in f if '"kind": "eval"' in line]
-  # A resumed run may log an evaluation twice; keep the last record per step.
-  return list({r["step"]: r for r in recs}.values())
 
 
 def _side_by_side(result: sweep.SweepReport, ref: list[dict]) -> list[str]:
@@ -97,7 +89,7 @@ def write_results(result: sweep.SweepReport, ref: list[dict], dirs: dict[str, st
   thr0 = next(r for r in result.rows if r.kind == "threshold" and r.kv_policy == "oracle"
               and r.threshold == 0.0)
   exp = result.metadata["experiment"]
-  best = _eval_records(dirs["reference"])
+  best = read_eval_records(dirs["reference"])
   first = best[0]
   rec = result.recommendations
   lines = [
