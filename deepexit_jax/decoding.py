@@ -55,7 +55,7 @@ from flax import nnx
 
 from deepexit_jax import exits, xla_options
 from deepexit_jax.errors import UserError
-from deepexit_jax.model import Block, DeepSupervisionTransformer, ModelConfig, causal_attention
+from deepexit_jax.model import Block, DeepSupervisionTransformer, ModelConfig
 
 Array = jax.Array
 
@@ -137,54 +137,96 @@ def _heads(x_MD: Array, b: int, r: int, h: int) -> Array:
   return x_MD.reshape(b, r, h, x_MD.shape[-1] // h)
 
 
-def _layer(blk: Block, h_BRD: Array, cache: tuple[Array, Array], pos_R: Array,
-           write_R: Array | None = None) -> tuple[Array, tuple[Array, Array]]:
-  """`Block.__call__` for R new rows at positions `pos_R`, attending through the cache.
+def _masks(pos_R: Array, active_R: Array, s: int) -> tuple[Array, Array]:
+  """Which cache positions [1, R, S] and which new rows [1, R, R] each row attends to.
+
+  A row sees positions <= its own; a cache position that an active row rewrites is
+  stale, so that position's key/value comes from the new row instead.
+  """
+  s_S = jnp.arange(s)
+  rewritten_S = jnp.any((pos_R[:, None] == s_S[None]) & active_R[:, None], 0)
+  cache_RS = (s_S[None] <= pos_R[:, None]) & ~rewritten_S[None]
+  new_RR = active_R[None, :] & (pos_R[None, :] <= pos_R[:, None])
+  return cache_RS[None], new_RR[None]
+
+
+def _layer(blk: Block, h_BRD: Array, cache: tuple[Array, Array], masks: tuple[Array, Array]
+           ) -> tuple[Array, Array, Array]:
+  """`Block.__call__` for R new rows, attending to the cache and to each other.
+
+  The cache is only read: the new rows' keys/values are returned, and the decoder
+  writes them at the start of the NEXT step, before any read. A cache written inside a
+  `lax.cond` branch, or written after being read in the same step, is copied by XLA on
+  every step (measured: the copies cost more than the layers they skip).
 
   Args:
     blk: the layer.
     h_BRD: the rows' input states.
-    cache: (keys, values) [B, S, H, K] of this layer; rows' keys/values are written at
-      their positions first, so each row sees every position <= its own.
-    pos_R: int32 positions of the rows (shared by the batch).
-    write_R: rows whose keys/values are written (None = all); unwritten rows are
-      computed but must not be used.
+    cache: (keys, values) [B, S, H, K] of this layer from earlier steps.
+    masks: `_masks` of the rows.
 
   Returns:
-    (output states [B, R, D], updated cache).
+    (output states [B, R, D], keys [B, R, H, K], values [B, R, H, K]).
   """
   b, r, d = h_BRD.shape
   k_BSHK, v_BSHK = cache
   s, nh = k_BSHK.shape[1], k_BSHK.shape[2]
+  cache_1RS, new_1RR = masks
   x_MD = h_BRD.reshape(b * r, d)
   q_MD, k_MD, v_MD = _qkv(blk, x_MD)
-  if r == 1 and write_R is None:  # A decode step: one contiguous write.
-    at = (0, pos_R[0], 0, 0)
-    k_BSHK = jax.lax.dynamic_update_slice(k_BSHK, _heads(k_MD, b, r, nh), at)
-    v_BSHK = jax.lax.dynamic_update_slice(v_BSHK, _heads(v_MD, b, r, nh), at)
-  else:  # Index s (out of range) drops a row's write.
-    idx_R = pos_R if write_R is None else jnp.where(write_R, pos_R, s)
-    k_BSHK = k_BSHK.at[:, idx_R].set(_heads(k_MD, b, r, nh), mode="drop")
-    v_BSHK = v_BSHK.at[:, idx_R].set(_heads(v_MD, b, r, nh), mode="drop")
-  mask_1RS = (jnp.arange(s)[None, :] <= pos_R[:, None])[None]
-  att_BRHK = causal_attention(_heads(q_MD, b, r, nh), k_BSHK, v_BSHK, mask_BTS=mask_1RS)
+  q_BRHK, k_BRHK, v_BRHK = (_heads(x, b, r, nh) for x in (q_MD, k_MD, v_MD))
+  # `model._attend` over [cache; new rows], without concatenating the cache.
+  scale = jnp.sqrt(jnp.asarray(q_BRHK.shape[-1], q_BRHK.dtype))
+  scores_BHRX = jnp.concatenate([jnp.einsum("brhk,bshk->bhrs", q_BRHK, k_BSHK),
+                                 jnp.einsum("brhk,bshk->bhrs", q_BRHK, k_BRHK)], -1) / scale
+  mask_1RX = jnp.concatenate([cache_1RS, new_1RR], -1)
+  scores_BHRX = jnp.where(mask_1RX[:, None], scores_BHRX, jnp.finfo(scores_BHRX.dtype).min)
+  p_BHRX = jax.nn.softmax(scores_BHRX, axis=-1)
+  att_BRHK = (jnp.einsum("bhrs,bshk->brhk", p_BHRX[..., :s], v_BSHK)
+              + jnp.einsum("bhrs,bshk->brhk", p_BHRX[..., s:], v_BRHK))
   h_MD = x_MD + blk.attn_out(att_BRHK.reshape(b * r, d))
   h_MD = h_MD + blk.fc2(jax.nn.gelu(blk.fc1(blk.ln2(h_MD))))
-  return h_MD.reshape(b, r, d), (k_BSHK, v_BSHK)
+  return h_MD.reshape(b, r, d), k_BRHK, v_BRHK
 
 
-def _write_kv(blk: Block, h_BD: Array, cache: tuple[Array, Array], t: Array
-              ) -> tuple[Array, Array]:
-  """`copy` for a skipped layer: only the keys/values of the copied state, at position t."""
+def _layer_one(blk: Block, h_BD: Array, cache: tuple[Array, Array], t: Array
+               ) -> tuple[Array, Array, Array]:
+  """`_layer` for one row at position t: the same attention, its own key/value
+  handled element-wise beside the cache (positions < t), which is faster for R = 1."""
   b, d = h_BD.shape
   k_BSHK, v_BSHK = cache
-  nh = k_BSHK.shape[2]
-  m_2D = blk.qkv.kernel[...][:, d:]
-  kv_MD = blk.ln1(h_BD) @ m_2D + blk.qkv.bias[...][d:]
-  k_MD, v_MD = jnp.split(kv_MD, 2, axis=-1)
-  at = (0, t, 0, 0)
-  return (jax.lax.dynamic_update_slice(k_BSHK, _heads(k_MD, b, 1, nh), at),
-          jax.lax.dynamic_update_slice(v_BSHK, _heads(v_MD, b, 1, nh), at))
+  s, nh = k_BSHK.shape[1], k_BSHK.shape[2]
+  q_MD, k_MD, v_MD = _qkv(blk, h_BD)
+  q_BHK, k_BHK, v_BHK = (x.reshape(b, nh, d // nh) for x in (q_MD, k_MD, v_MD))
+  scale = jnp.sqrt(jnp.asarray(q_BHK.shape[-1], q_BHK.dtype))
+  scores_BHS = jnp.einsum("bhk,bshk->bhs", q_BHK, k_BSHK) / scale
+  scores_BHS = jnp.where((jnp.arange(s) < t)[None, None], scores_BHS,
+                         jnp.finfo(scores_BHS.dtype).min)
+  self_BH1 = jnp.sum(q_BHK * k_BHK, -1, keepdims=True) / scale
+  p_BHX = jax.nn.softmax(jnp.concatenate([scores_BHS, self_BH1], -1), axis=-1)
+  att_BHK = jnp.einsum("bhs,bshk->bhk", p_BHX[..., :s], v_BSHK) + p_BHX[..., s:] * v_BHK
+  h_MD = h_BD + blk.attn_out(att_BHK.reshape(b, d))
+  h_MD = h_MD + blk.fc2(jax.nn.gelu(blk.fc1(blk.ln2(h_MD))))
+  return h_MD, k_BHK, v_BHK
+
+
+def _copied_kv(kv_params: tuple[Array, ...], lo: int, h_BD: Array, num_heads: int
+               ) -> tuple[Array, Array]:
+  """`copy` for skipped layers lo..N-1: keys/values [L, B, H, K] of one copied state.
+
+  The state is the same for every skipped layer, so its LayerNorm statistics are
+  computed once and the L key/value projections run as one batched matmul.
+  """
+  scale_ND, bias_ND, kernel_ND2D, kbias_N2D, eps = kv_params
+  b, d = h_BD.shape
+  mean_B1 = jnp.mean(h_BD, -1, keepdims=True)
+  var_B1 = jnp.mean(jnp.square(h_BD - mean_B1), -1, keepdims=True)
+  xhat_BD = (h_BD - mean_B1) * jax.lax.rsqrt(var_B1 + eps)
+  x_LBD = xhat_BD[None] * scale_ND[lo:, None] + bias_ND[lo:, None]
+  kv_LB2D = jnp.einsum("lbd,lde->lbe", x_LBD, kernel_ND2D[lo:]) + kbias_N2D[lo:, None]
+  k_LBD, v_LBD = jnp.split(kv_LB2D, 2, axis=-1)
+  shape = (k_LBD.shape[0], b, num_heads, d // num_heads)
+  return k_LBD.reshape(shape), v_LBD.reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------
@@ -201,144 +243,172 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, tokens_BF: Array, threshol
             temperature: Array, rng: Array, *, opts: _Options) -> DecodeResult:
   model: DeepSupervisionTransformer = nnx.merge(graphdef, state)
   cfg = model.config
-  n, s, e, q = cfg.num_layers, cfg.max_len, len(opts.exit_layers), opts.max_pending
+  n, s, e, q, d = cfg.num_layers, cfg.max_len, len(opts.exit_layers), opts.max_pending, cfg.dim
+  nh, hk = cfg.num_heads, cfg.head_dim
   b = tokens_BF.shape[0]
   copy = opts.kv_policy == "copy"
   segments = _segments(opts.exit_layers, n)
   # Each layer's weights sliced once, outside the step loop.
   bgraph, bstate = nnx.split(model.blocks)
   blocks = [nnx.merge(bgraph, jax.tree.map(lambda x, i=i: x[i], bstate)) for i in range(n)]
+  kv_params = (model.blocks.ln1.scale[...], model.blocks.ln1.bias[...],
+               model.blocks.qkv.kernel[...][:, :, d:], model.blocks.qkv.bias[...][:, d:],
+               model.blocks.ln1.epsilon)
 
   length = opts.prefill + opts.num_steps + 1
   tokens_BL = jnp.zeros((b, length), jnp.int32).at[:, :opts.num_forced].set(
       tokens_BF[:, :opts.num_forced])
-  zeros_BSHK = jnp.zeros((b, s, cfg.num_heads, cfg.head_dim), jnp.float32)
+  zeros_BSHK = jnp.zeros((b, s, nh, hk), jnp.float32)
   caches = [(zeros_BSHK, zeros_BSHK) for _ in range(n)]
+  # Keys/values of the previous step's position, written at the start of a step.
+  zeros_BHK = jnp.zeros((b, nh, hk), jnp.float32)
+  rows = [(zeros_BHK, zeros_BHK) for _ in range(n)]
 
   if opts.prefill:  # The prompt at full depth, all positions in one call per layer.
     pos_P = jnp.arange(opts.prefill)
+    masks = _masks(pos_P, jnp.ones_like(pos_P, bool), s)
     h_BPD = model.embed_tokens(tokens_BL[:, :opts.prefill], pos_P[None])
     for i in range(n):
-      h_BPD, caches[i] = _layer(blocks[i], h_BPD, caches[i], pos_P)
+      h_BPD, k_BPHK, v_BPHK = _layer(blocks[i], h_BPD, caches[i], masks)
+      caches[i] = (zeros_BSHK.at[:, :opts.prefill].set(k_BPHK),
+                   zeros_BSHK.at[:, :opts.prefill].set(v_BPHK))
+      # The first step rewrites position prefill - 1 with these same rows.
+      rows[i] = (k_BPHK[:, -1], v_BPHK[:, -1])
 
   def head(h_BD: Array) -> Array:
     return model.head(h_BD).astype(jnp.float32)
 
-  def run_layers(st: dict, lo: int, hi: int, t: Array) -> dict:
-    """Layers lo..hi-1 for the step's token, plus the pending positions that lack them.
-
-    `st["caches"]` holds only this segment's layers (index i - lo).
-    """
-    frozen_B1 = st["done"][:, None] if copy else None
-
-    def plain(st):
-      st = dict(st, caches=list(st["caches"]))
-      for i in range(lo, hi):
-        h_in = st["h"]
-        h_out, st["caches"][i - lo] = _layer(blocks[i], h_in[:, None], st["caches"][i - lo],
-                                             t[None])
-        h_out = h_out[:, 0]
-        st["h_in"], st["h_out"] = h_in, h_out
-        st["h"] = h_out if frozen_B1 is None else jnp.where(frozen_B1, h_in, h_out)
-      return st
-
-    def catch_up(st):
-      st = dict(st, caches=list(st["caches"]))
-      pos_R = jnp.concatenate([t[None], st["q_pos"]])
-      for i in range(lo, hi):
-        active_Q = st["q_depth"] <= i  # Empty slots hold depth N.
-        h_in = st["h"]
-        h_BRD = jnp.concatenate([h_in[:, None], st["q_h"]], 1)
-        write_R = jnp.concatenate([jnp.ones((1,), bool), active_Q])
-        h_BRD, st["caches"][i - lo] = _layer(blocks[i], h_BRD, st["caches"][i - lo], pos_R,
-                                             write_R)
-        st["h_in"], st["h_out"] = h_in, h_BRD[:, 0]
-        st["h"] = h_BRD[:, 0]
-        st["q_h"] = jnp.where(active_Q[None, :, None], h_BRD[:, 1:], st["q_h"])
-        st["q_depth"] = jnp.where(active_Q, i + 1, st["q_depth"])
-        st["recomputed"] = st["recomputed"] + jnp.sum(active_Q, dtype=jnp.int32)
-      return st
-
-    if copy:
-      st = plain(st)
-    else:
-      st = jax.lax.cond(jnp.any(st["q_depth"] < hi), catch_up, plain, st)
-    st["layers_run"] = jnp.int32(hi)
-    return st
-
-  def check(st: dict, j: int) -> dict:
-    """The exit check at exit layer `opts.exit_layers[j]`."""
-    st = dict(st)
-    k = opts.exit_layers[j]
-    if opts.measure in exits._LOGIT_MEASURES:
-      logits_BV = head(st["h"])
-      conf_B = exits._confidence(opts.measure, None, logits_BV, None, None, jnp.int32(k))
-    else:
-      logits_BV = None
-      conf_B = exits.state_confidence(st["h_in"], st["h_out"])
-    ok_B = conf_B >= threshold
-    if opts.batch_exit == "sync":
-      ok_B = jnp.broadcast_to(jnp.all(ok_B), ok_B.shape)
-    new_B = ok_B & ~st["done"]
-    if logits_BV is None:  # state: the head only runs when some row exits here.
-      logits_BV = jax.lax.cond(jnp.any(new_B), lambda h: head(h),
-                               lambda h: jnp.zeros(st["logits"].shape, jnp.float32), st["h"])
-    st["logits"] = jnp.where(new_B[:, None], logits_BV, st["logits"])
-    st["exit"] = jnp.where(new_B, k, st["exit"])
-    st["conf"] = jnp.where(st["done"], st["conf"], conf_B)
-    st["confs"] = st["confs"].at[:, j].set(conf_B)
-    st["done"] = st["done"] | new_B
-    st["checks"] = st["checks"] + 1
-    stop = jnp.all(st["done"])
-    if not copy:  # Stopping leaves this position pending: it needs a free queue slot.
-      stop = stop & jnp.any(st["q_depth"] == n)
-    st["stop"] = stop
-    return st
-
-  def finish(st: dict) -> dict:
-    st = dict(st)
-    st["logits"] = jnp.where(st["done"][:, None], st["logits"], head(st["h"]))
-    return st
-
-  def skip(st: dict, lo: int, hi: int, t: Array) -> dict:
-    """A segment the stopped batch skips: `copy` writes the copied state's keys/values."""
-    if not copy:
-      return st
-    st = dict(st, caches=list(st["caches"]))
-    for i in range(lo, hi):
-      st["caches"][i - lo] = _write_kv(blocks[i], st["h"], st["caches"][i - lo], t)
-    return st
-
   def step(m: Array, carry: dict) -> dict:
     t = opts.prefill + m
+    # The previous step's rows, written before anything reads the caches (in place);
+    # at the first step of a teacher-forced decode this writes zeros at position 0,
+    # which nothing reads (a row's own key/value is taken from the row).
+    caches = []
+    for i in range(n):
+      k_BSHK, v_BSHK = carry["caches"][i]
+      if not copy:  # Caught-up pending rows; index S (out of range) drops a write.
+        qk_BQHK, qv_BQHK, idx_Q = carry["q_rows"][i]
+        k_BSHK = k_BSHK.at[:, idx_Q].set(qk_BQHK, mode="drop")
+        v_BSHK = v_BSHK.at[:, idx_Q].set(qv_BQHK, mode="drop")
+      k_BHK, v_BHK = carry["rows"][i]
+      at = (0, jnp.maximum(t - 1, 0), 0, 0)
+      caches.append((jax.lax.dynamic_update_slice(k_BSHK, k_BHK[:, None], at),
+                     jax.lax.dynamic_update_slice(v_BSHK, v_BHK[:, None], at)))
+
+    def run_layers(st: dict, lo: int, hi: int) -> dict:
+      """Layers lo..hi-1 for the step's token, plus the pending positions that lack them.
+
+      `st["kv"]` holds the new keys/values of layers lo..N-1 (index i - lo).
+      """
+      frozen_B1 = st["done"][:, None] if copy else None
+
+      def plain(st):
+        st = dict(st, kv=list(st["kv"]))
+        for i in range(lo, hi):
+          h_in = st["h"]
+          h_out, k_BHK, v_BHK = _layer_one(blocks[i], h_in, caches[i], t)
+          st["kv"][i - lo] = (k_BHK, v_BHK)
+          st["h_in"], st["h_out"] = h_in, h_out
+          st["h"] = h_out if frozen_B1 is None else jnp.where(frozen_B1, h_in, h_out)
+        return st
+
+      def catch_up(st):
+        st = dict(st, kv=list(st["kv"]), q_kv=list(st["q_kv"]))
+        pos_R = jnp.concatenate([t[None], st["q_pos"]])
+        for i in range(lo, hi):
+          active_Q = st["q_depth"] <= i  # Empty slots hold depth N.
+          h_in = st["h"]
+          h_BRD = jnp.concatenate([h_in[:, None], st["q_h"]], 1)
+          masks = _masks(pos_R, jnp.concatenate([jnp.ones((1,), bool), active_Q]), s)
+          h_BRD, k_BRHK, v_BRHK = _layer(blocks[i], h_BRD, caches[i], masks)
+          st["kv"][i - lo] = (k_BRHK[:, 0], v_BRHK[:, 0])
+          st["q_kv"][i - lo] = (k_BRHK[:, 1:], v_BRHK[:, 1:], active_Q)
+          st["h_in"], st["h_out"] = h_in, h_BRD[:, 0]
+          st["h"] = h_BRD[:, 0]
+          st["q_h"] = jnp.where(active_Q[None, :, None], h_BRD[:, 1:], st["q_h"])
+          st["q_depth"] = jnp.where(active_Q, i + 1, st["q_depth"])
+          st["recomputed"] = st["recomputed"] + jnp.sum(active_Q, dtype=jnp.int32)
+        return st
+
+      if copy:
+        st = plain(st)
+      else:
+        st = jax.lax.cond(jnp.any(st["q_depth"] < hi), catch_up, plain, st)
+      st["layers_run"] = jnp.int32(hi)
+      return st
+
+    def check(st: dict, j: int) -> dict:
+      """The exit check at exit layer `opts.exit_layers[j]`."""
+      st = dict(st)
+      k = opts.exit_layers[j]
+      if opts.measure in exits._LOGIT_MEASURES:
+        logits_BV = head(st["h"])
+        conf_B = exits._confidence(opts.measure, None, logits_BV, None, None, jnp.int32(k))
+      else:
+        logits_BV = None
+        conf_B = exits.state_confidence(st["h_in"], st["h_out"])
+      ok_B = conf_B >= threshold
+      if opts.batch_exit == "sync":
+        ok_B = jnp.broadcast_to(jnp.all(ok_B), ok_B.shape)
+      new_B = ok_B & ~st["done"]
+      if logits_BV is None:  # state: the head only runs when some row exits here.
+        logits_BV = jax.lax.cond(jnp.any(new_B), head,
+                                 lambda h: jnp.zeros((b, cfg.vocab_size), jnp.float32),
+                                 st["h"])
+      st["logits"] = jnp.where(new_B[:, None], logits_BV, st["logits"])
+      st["exit"] = jnp.where(new_B, k, st["exit"])
+      st["conf"] = jnp.where(st["done"], st["conf"], conf_B)
+      st["confs"] = st["confs"].at[:, j].set(conf_B)
+      st["done"] = st["done"] | new_B
+      st["checks"] = st["checks"] + 1
+      stop = jnp.all(st["done"])
+      if not copy:  # Stopping leaves this position pending: it needs a free queue slot.
+        stop = stop & jnp.any(st["q_depth"] == n)
+      st["stop"] = stop
+      return st
+
+    def skip_rest(st: dict, lo: int) -> dict:
+      """Layers lo..N-1 of a stopped batch: under `copy` the keys/values of the copied
+      state (one batched projection); under `recompute` nothing (the position's rows of
+      these layers are written later by its catch-up, before anyone reads them)."""
+      if not copy:
+        return st
+      k_LBHK, v_LBHK = _copied_kv(kv_params, lo, st["h"], nh)
+      return dict(st, kv=[(k_LBHK[i], v_LBHK[i]) for i in range(n - lo)])
+
+    def chain(st: dict, j: int) -> dict:
+      """Segment j and, unless the batch stops after it, the segments above it."""
+      lo, hi = segments[j]
+      st = run_layers(st, lo, hi)
+      if hi == n:
+        return dict(st, logits=jnp.where(st["done"][:, None], st["logits"], head(st["h"])))
+      st = check(st, j)
+      # Only the rows of the layers not yet run go through the cond.
+      own = {key: st[key][:hi - lo] for key in ("kv", "q_kv") if key in st}
+      st.update({key: st[key][hi - lo:] for key in own})
+      st = jax.lax.cond(st["stop"], functools.partial(skip_rest, lo=hi),
+                        functools.partial(chain, j=j + 1), st)
+      return dict(st, **{key: own[key] + list(st[key]) for key in own})
+
     tok_B = jax.lax.dynamic_index_in_dim(carry["tokens"], t, axis=1, keepdims=False)
     h_BD = model.embed_tokens(tok_B[:, None], jnp.reshape(t, (1, 1)))[:, 0]
     st = {
-        "h": h_BD, "h_in": h_BD, "h_out": h_BD, "caches": carry["caches"],
-        "done": jnp.zeros((b,), bool), "stop": jnp.bool_(False),
-        "logits": jnp.zeros((b, cfg.vocab_size), jnp.float32),
+        "h": h_BD, "h_in": h_BD, "h_out": h_BD, "done": jnp.zeros((b,), bool),
+        "stop": jnp.bool_(False), "logits": jnp.zeros((b, cfg.vocab_size), jnp.float32),
         "exit": jnp.full((b,), n, jnp.int32), "conf": jnp.full((b,), jnp.nan, jnp.float32),
         "confs": jnp.full((b, e), jnp.nan, jnp.float32), "checks": jnp.int32(0),
         "layers_run": jnp.int32(0), "recomputed": jnp.int32(0),
+        "kv": [(zeros_BHK, zeros_BHK)] * n,
     }
     if not copy:
-      st.update({k: carry[k] for k in ("q_h", "q_pos", "q_depth")})
+      zeros_BQHK = jnp.zeros((b, q, nh, hk), jnp.float32)
+      st.update({key: carry[key] for key in ("q_h", "q_pos", "q_depth")})
+      st["q_kv"] = [(zeros_BQHK, zeros_BQHK, jnp.zeros((q,), bool))] * n
+    st = chain(st, 0)
 
-    all_caches = st["caches"]
-    for j, (lo, hi) in enumerate(segments):
-      def run(st, j=j, lo=lo, hi=hi):
-        st = run_layers(st, lo, hi, t)
-        return check(st, j) if hi < n else finish(st)
-
-      # Only this segment's caches travel through its cond.
-      st["caches"] = all_caches[lo:hi]
-      if j == 0:
-        st = run(st)
-      else:
-        st = jax.lax.cond(st["stop"], functools.partial(skip, lo=lo, hi=hi, t=t), run, st)
-      all_caches = all_caches[:lo] + list(st["caches"]) + all_caches[hi:]
-    st["caches"] = all_caches
-
+    if not copy:  # Where the next step writes the caught-up rows (before slots move).
+      st["q_kv"] = [(qk_BQHK, qv_BQHK, jnp.where(wrote_Q, st["q_pos"], s))
+                    for qk_BQHK, qv_BQHK, wrote_Q in st["q_kv"]]
     if not copy:  # A stopped step leaves its position pending at the depth it reached.
       slot = jnp.argmax(st["q_depth"] == n)
       push = st["stop"]
@@ -358,9 +428,8 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, tokens_BF: Array, threshol
     forced_B = jax.lax.dynamic_index_in_dim(carry["tokens"], t + 1, axis=1, keepdims=False)
     next_B = jnp.where(t + 1 < opts.num_forced, forced_B, next_B)
 
-    out = dict(carry)
+    out = dict(carry, caches=caches, rows=st["kv"])
     out["tokens"] = jax.lax.dynamic_update_index_in_dim(carry["tokens"], next_B, t + 1, 1)
-    out["caches"] = st["caches"]
     for key, value in (("exit", st["exit"]), ("conf", st["conf"]), ("confs", st["confs"])):
       out[key] = jax.lax.dynamic_update_index_in_dim(carry[key], value, m, 1)
     for key, value in (("layers_run", st["layers_run"]), ("recomputed", st["recomputed"]),
@@ -369,12 +438,13 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, tokens_BF: Array, threshol
     if opts.return_logits:
       out["logits"] = jax.lax.dynamic_update_index_in_dim(carry["logits"], st["logits"], m, 1)
     if not copy:
-      out.update({k: st[k] for k in ("q_h", "q_pos", "q_depth")})
+      out.update({key: st[key] for key in ("q_h", "q_pos", "q_depth")})
+      out["q_rows"] = st["q_kv"]
     return out
 
   steps = opts.num_steps
   carry = {
-      "tokens": tokens_BL, "caches": caches,
+      "tokens": tokens_BL, "caches": caches, "rows": rows,
       "exit": jnp.zeros((b, steps), jnp.int32), "conf": jnp.zeros((b, steps), jnp.float32),
       "confs": jnp.zeros((b, steps, e), jnp.float32),
       "layers_run": jnp.zeros((steps,), jnp.int32), "recomputed": jnp.zeros((steps,), jnp.int32),
@@ -383,8 +453,10 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, tokens_BF: Array, threshol
   if opts.return_logits:
     carry["logits"] = jnp.zeros((b, steps, cfg.vocab_size), jnp.float32)
   if not copy:
-    carry.update(q_h=jnp.zeros((b, q, cfg.dim), jnp.float32), q_pos=jnp.zeros((q,), jnp.int32),
-                 q_depth=jnp.full((q,), n, jnp.int32))
+    zeros_BQHK = jnp.zeros((b, q, nh, hk), jnp.float32)
+    carry.update(q_h=jnp.zeros((b, q, d), jnp.float32), q_pos=jnp.zeros((q,), jnp.int32),
+                 q_depth=jnp.full((q,), n, jnp.int32),
+                 q_rows=[(zeros_BQHK, zeros_BQHK, jnp.full((q,), s, jnp.int32))] * n)
   carry = jax.lax.fori_loop(0, steps, step, carry)
   return DecodeResult(
       tokens=carry["tokens"], exit_layer=carry["exit"], confidence=carry["conf"],

@@ -1,0 +1,134 @@
+"""RESULTS.md and speedup.png of the decoding benchmark (run.py); every number from its rows."""
+
+from __future__ import annotations
+
+import os
+
+
+def _fmt_thr(thr) -> str:
+  return "full depth" if thr is None else f"{thr:g}"
+
+
+def table(rows: list[dict]) -> list[str]:
+  lines = [
+      "| model | batch | KV policy | batch rule | threshold | tokens/s (median) | "
+      "tokens/s (best) | mean exit layer | mean layers run | measured speedup | CPU-time speedup | "
+      "ideal (layers) | ideal (FLOPs) | executed FLOPs | measured / ideal FLOPs | "
+      "measured / ideal layers |",
+      "|" + "---|" * 16]
+  for r in rows:
+    lines.append(
+        f"| {r['model']} | {r['batch']} | {r['kv_policy']} | {r['batch_exit']} | "
+        f"{_fmt_thr(r['threshold'])} | {r['tokens_per_s_median']:,.0f} | "
+        f"{r['tokens_per_s_best']:,.0f} | {r['mean_exit_layer']:.2f} | "
+        f"{r['mean_layers_run']:.2f} | {r['measured_speedup']:.2f}x | {r['cpu_speedup']:.2f}x | "
+        f"{r['ideal_layers_speedup']:.2f}x | {r['ideal_flops_speedup']:.2f}x | "
+        f"{r['executed_flops_speedup']:.2f}x | "
+        f"{100 * r['measured_speedup'] / r['ideal_flops_speedup']:.0f}% | "
+        f"{100 * r['measured_speedup'] / r['ideal_layers_speedup']:.0f}% |")
+  return lines
+
+
+def plot(rows: list[dict], path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+  for ax, batch in zip(axes, (1, 8)):
+    top = 1.0
+    for (model, policy, rule), marker in zip(
+        sorted({(r["model"], r["kv_policy"], r["batch_exit"]) for r in rows
+                if r["batch"] == batch}), "osD^v<>"):
+      pts = [r for r in rows if (r["model"], r["kv_policy"], r["batch_exit"], r["batch"])
+             == (model, policy, rule, batch) and r["threshold"] is not None]
+      x = [r["ideal_flops_speedup"] for r in pts]
+      y = [r["measured_speedup"] for r in pts]
+      top = max([top, *x, *y])
+      ax.plot(x, y, marker=marker, linestyle="-", label=f"{model} {policy} ({rule})")
+    ax.plot([0, top * 1.05], [0, top * 1.05], "k--", lw=0.8, label="measured = ideal")
+    ax.plot([0, top * 1.05], [0, 0.8 * top * 1.05], "k:", lw=0.8, label="80% of ideal")
+    ax.set_xlim(0.8, top * 1.05)
+    ax.set_ylim(0.5, top * 1.05)
+    ax.set_xlabel("ideal speedup (full-depth FLOPs / early-exit FLOPs)")
+    ax.set_title(f"batch {batch}")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("measured speedup (tokens/s vs full depth)")
+  axes[1].legend(fontsize=7, loc="upper left")
+  fig.suptitle("Early-exit decoding: measured vs ideal speedup (softmax thresholds)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _breakdown_lines(breakdowns: dict) -> list[str]:
+  lines = ["| model | full depth | first k layers alone (truncated model) | "
+           "checks, nobody exits | copy, all exit at k | recompute, all exit at k |",
+           "|" + "---|" * 6]
+  for name, b in breakdowns.items():
+    us, k, n = b["cpu_us_per_step"], b["first_exit_layer"], b["num_layers"]
+    lines.append(f"| {name} (k={k} of {n}) | {us['full']:.1f} | {us['truncated']:.1f} | "
+                 f"{us['checks_never_exit']:.1f} | {us['copy_all_exit']:.1f} | "
+                 f"{us['recompute_all_exit']:.1f} |")
+  return lines
+
+
+def write_results(here: str, rows: list[dict], breakdowns: dict, meta: dict) -> None:
+  plot(rows, os.path.join(here, "speedup.png"))
+  b1 = [r for r in rows if r["batch"] == 1 and r["threshold"] is not None]
+  ok = [r for r in b1 if r["measured_speedup"] >= 0.8 * r["ideal_flops_speedup"]]
+  ok_cpu = [r for r in b1 if r["cpu_speedup"] >= 0.8 * r["ideal_flops_speedup"]]
+  models = meta["models"]
+  lines = [
+      "# Real early-exit decoding: measured vs ideal speedup", "",
+      "Regenerate everything here (models if missing, table, plot) with:", "",
+      "```bash", "DEEPEXIT_DATA_DIR=../shared/data python experiments/decoding/run.py",
+      "```", "",
+      "## Setup", "",
+      *[f"- `{name}`: {m['model']['num_layers']} layers, dim {m['model']['dim']}, "
+        f"{m['model']['num_heads']} heads, FFN {m['model']['ffn_dim']}, vocab "
+        f"{m['model']['vocab_size']}, exit layers {m['exit_layers']}, checkpoint step "
+        f"{m['step']}." for name, m in models.items()],
+      f"- Decoding: `deepexit_jax.decoding.generate`, greedy, softmax confidence, "
+      f"prompts of {meta['prompt_len']} validation characters, then enough steps to fill "
+      "the KV cache (max_len); every configuration is one jitted call.",
+      "- Batch 1 uses the `sync` rule (identical to `row` for one row). Batch 8: `copy` "
+      "under both `sync` (CALM: the batch exits when every row is confident) and `row` "
+      "(each row takes its own exit; the batch runs while any row needs deeper layers); "
+      "`recompute` under `row`.",
+      "- Full depth = the same decoder with no exit layer (same cache, loop, sampling; "
+      "no conds). Speedup = median full-depth time / median early-exit time, timed "
+      f"interleaved in the same process ({meta['rounds']} rounds).",
+      "- Ideal (layers) = N / mean exit layer (`layers_fraction`); ideal (FLOPs) = "
+      "full-depth FLOPs / the emulation's FLOPs for the same exit layers "
+      "(`flops_fraction`: copy counts the key/value projections of skipped layers; the "
+      "`recompute` ideal is the oracle's count, which leaves out the catch-up); executed "
+      "FLOPs = full / what the decoder ran (the batch's depth for every row, catch-up "
+      "included).",
+      f"- Host: {meta['backend']} ({meta['device']}, {meta['cpu_count']} cores, "
+      f"{meta['machine']}), JAX {meta['jax']}. CPU only: no accelerator was available to "
+      "this run.", "",
+      "## Results", "",
+      *table(rows), "",
+      "![measured vs ideal speedup](speedup.png)", "",
+      f"Target (measured >= 80% of the FLOPs ideal at batch 1): met by {len(ok)} of "
+      f"{len(b1)} early-exit rows at batch 1 in wall-clock time, {len(ok_cpu)} of {len(b1)} "
+      "in CPU time.", "",
+      "## Where the time goes (batch 1, process CPU microseconds per decode step, median)",
+      "",
+      *_breakdown_lines(breakdowns), "",
+      "`truncated` is the model cut to its first exit layer k, decoded at full depth by "
+      "the same code: the floor an exit at k can reach. `checks, nobody exits` minus "
+      "`full depth` is the cost of the exit checks (exit head, softmax confidence, "
+      "`lax.cond`). `copy, all exit at k` minus `truncated` is what exiting costs on top "
+      "of running k layers: the check, one `lax.cond`, the batched key/value projection "
+      "of the copied state for the N - k skipped layers, and writing every layer's "
+      "cache row. Under `recompute` every exit leaves a pending position, so a full "
+      "queue forces a catch-up to layer N (all exit at k = the worst case).", "",
+  ]
+  notes = os.path.join(here, "NOTES.md")
+  if os.path.exists(notes):
+    lines += [open(notes).read()]
+  with open(os.path.join(here, "RESULTS.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")

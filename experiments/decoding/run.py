@@ -1,0 +1,189 @@
+"""Real early-exit decoding benchmark: tokens/s of full-depth vs early-exit decoding.
+
+Trains (or resumes) the reference model (4 layers, dim 32, exit at 2) and a deeper one
+(experiments/configs/deep.py: 8 layers, dim 64, exits at 2, 4, 6), then decodes
+validation-text prompts with `deepexit_jax.decoding.generate` at several softmax
+thresholds, at batch 1 and batch 8, under both KV policies, and writes RESULTS.md and
+speedup.png beside this file. Every figure comes from this run.
+
+Timing is interleaved: within a group (model, batch, policy, batch rule) every round
+times the full-depth baseline and each threshold once, in turn, so a noisy shared host
+slows all of them alike; each entry reports the min and median over rounds and the
+speedup is the ratio of medians measured in the same group. Process CPU time is
+recorded beside wall-clock time: on a shared host it is the steadier of the two. The full-depth baseline is
+the same decoder with no exit layer (same cache, loop and sampling, no conds).
+
+Run from the repository root (about 10 minutes on a 2-core CPU, training included):
+  DEEPEXIT_DATA_DIR=../shared/data python experiments/decoding/run.py
+Flags: --workdir (default runs/decoding), --rounds, --quick (fewer groups; a smoke run).
+Prints a table and, as its last line, JSON of every row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from deepexit_jax import checkpoint, data, decoding
+from deepexit_jax.config import ExperimentConfig, load_config_file
+from deepexit_jax.model import DeepSupervisionTransformer, ModelConfig
+from deepexit_jax.train import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = os.path.join(HERE, "..", "configs")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/decoding", "Where the trained models go.")
+_ROUNDS = flags.DEFINE_integer("rounds", 9, "Interleaved timing rounds per group.")
+_QUICK = flags.DEFINE_bool("quick", False, "Batch 1, copy only, 3 rounds: a smoke run.")
+
+MODELS = {"reference": "reference", "deep": "deep"}
+THRESHOLDS = (0.9, 0.7, 0.5, 0.3, 0.0)
+PROMPT_LEN = 16
+BATCHES = (1, 8)
+
+
+def truncated(model: DeepSupervisionTransformer, depth: int) -> DeepSupervisionTransformer:
+  """The model's first `depth` layers and its head, as a model of its own."""
+  from flax import nnx
+
+  from deepexit_jax.model import create_model
+
+  small = create_model(dataclasses.replace(model.config, num_layers=depth))
+  state = nnx.state(model)
+  small_state = nnx.state(small)
+  flat = dict(nnx.to_flat_state(state))
+  for path, var in nnx.to_flat_state(small_state):
+    value = flat[path][...]
+    var[...] = value[:depth] if path[0] == "blocks" else value
+  nnx.update(small, small_state)
+  return small
+
+
+def _prompts(ckpt: checkpoint.Checkpoint, batch: int) -> np.ndarray:
+  """`batch` prompts of PROMPT_LEN validation characters, spread over the text."""
+  cfg = data.DataConfig.from_dict(ckpt.experiment["data"])
+  val = data.prepare_dataset(cfg, tokenizer=ckpt.tokenizer).val_tokens
+  starts = np.linspace(0, len(val) - PROMPT_LEN - 1, batch).astype(int)
+  return np.stack([val[s:s + PROMPT_LEN] for s in starts]).astype(np.int32)
+
+
+def _time(fn) -> tuple[float, float]:
+  """(wall-clock, process CPU) seconds of one call."""
+  start, cpu = time.perf_counter(), time.process_time()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start, time.process_time() - cpu
+
+
+def bench_group(model, prompt_BP, steps, *, kv_policy, batch_exit, exit_layers, rounds):
+  """Interleaved timing of full depth and every threshold; one row per threshold."""
+  n = model.config.num_layers
+
+  def call(layers, thr):
+    return lambda: decoding.generate(model, prompt_BP, steps, thr, exit_layers=layers,
+                                     kv_policy=kv_policy, batch_exit=batch_exit)
+
+  runs = {"full": call((n,), np.inf), **{thr: call(exit_layers, thr) for thr in THRESHOLDS}}
+  results = {key: fn() for key, fn in runs.items()}  # Compiles (once per group) and warms.
+  times = {key: [] for key in runs}
+  cpu = {key: [] for key in runs}
+  for _ in range(rounds):
+    for key, fn in runs.items():
+      wall, proc = _time(fn)
+      times[key].append(wall)
+      cpu[key].append(proc)
+  base = statistics.median(times["full"])
+  base_cpu = statistics.median(cpu["full"])
+  b = prompt_BP.shape[0]
+  rows = []
+  for key in runs:
+    res = results[key]
+    cost = decoding.decode_cost(model.config, res, kv_policy=kv_policy)
+    med = statistics.median(times[key])
+    rows.append({
+        "threshold": None if key == "full" else key, "kv_policy": kv_policy,
+        "batch": b, "batch_exit": batch_exit, "steps": steps,
+        "tokens_per_s_median": b * steps / med, "tokens_per_s_best": b * steps / min(times[key]),
+        "seconds_median": med, "seconds_min": min(times[key]),
+        "measured_speedup": base / med,
+        "cpu_seconds_median": statistics.median(cpu[key]),
+        "cpu_speedup": base_cpu / statistics.median(cpu[key]),
+        "mean_exit_layer": cost.mean_exit_layer, "mean_layers_run": cost.mean_layers_run,
+        "ideal_layers_speedup": n / cost.mean_exit_layer,
+        "run_layers_speedup": n / cost.mean_layers_run,
+        "ideal_flops_speedup": cost.ideal_flops_speedup,
+        "executed_flops_speedup": cost.executed_flops_speedup,
+        "recomputed_layers_per_step": float(np.mean(np.asarray(res.recomputed_layers))),
+    })
+  return rows
+
+
+def breakdown(model, prompt_BP, steps, exit_layers, rounds):
+  """Where the time goes at batch 1: exits compared with truncated and full models."""
+  n, e = model.config.num_layers, exit_layers[0]
+  trunc = truncated(model, e)
+  runs = {
+      "full": lambda: decoding.generate(model, prompt_BP, steps, np.inf, exit_layers=(n,)),
+      "truncated": lambda: decoding.generate(trunc, prompt_BP, steps, np.inf,
+                                             exit_layers=(e,)),
+      "checks_never_exit": lambda: decoding.generate(model, prompt_BP, steps, np.inf,
+                                                     exit_layers=exit_layers),
+      "copy_all_exit": lambda: decoding.generate(model, prompt_BP, steps, 0.0,
+                                                 exit_layers=exit_layers),
+      "recompute_all_exit": lambda: decoding.generate(
+          model, prompt_BP, steps, 0.0, exit_layers=exit_layers, kv_policy="recompute"),
+  }
+  for fn in runs.values():
+    jax.block_until_ready(fn())
+  times = {key: [] for key in runs}
+  for _ in range(rounds):
+    for key, fn in runs.items():
+      times[key].append(_time(fn)[1])
+  us = {key: 1e6 * statistics.median(v) / steps for key, v in times.items()}
+  return {"first_exit_layer": e, "num_layers": n, "cpu_us_per_step": us}
+
+
+def main(argv):
+  del argv
+  rounds = 3 if _QUICK.value else _ROUNDS.value
+  rows, breakdowns, models = [], {}, {}
+  for name, cfg_name in MODELS.items():
+    wd = os.path.join(_WORKDIR.value, name)
+    logging.info("training %s into %s (resumes; a finished run is only loaded)", name, wd)
+    train(ExperimentConfig.from_dict(load_config_file(os.path.join(CONFIGS, cfg_name + ".py"))),
+          wd, resume=True)
+    ckpt = checkpoint.load_checkpoint(wd)
+    model, exit_layers = ckpt.model, tuple(ckpt.experiment["exit_layers"])
+    cfg: ModelConfig = model.config
+    steps = cfg.max_len - PROMPT_LEN + 1  # Fills the cache.
+    models[name] = {"model": cfg.to_dict(), "exit_layers": list(exit_layers),
+                    "step": ckpt.step, "val_ppl": ckpt.metrics.get("layer_ppl")}
+    groups = [(1, "copy", "sync"), (1, "recompute", "sync"), (8, "copy", "sync"),
+              (8, "copy", "row"), (8, "recompute", "row")]
+    if _QUICK.value:
+      groups = groups[:1]
+    for batch, policy, rule in groups:
+      logging.info("%s: batch %d, %s, %s", name, batch, policy, rule)
+      for row in bench_group(model, _prompts(ckpt, batch), steps, kv_policy=policy,
+                             batch_exit=rule, exit_layers=exit_layers, rounds=rounds):
+        rows.append({"model": name, **row})
+    breakdowns[name] = breakdown(model, _prompts(ckpt, 1), steps, exit_layers, rounds)
+  meta = {"jax": jax.__version__, "backend": jax.default_backend(),
+          "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
+          "machine": platform.machine(), "rounds": rounds, "prompt_len": PROMPT_LEN,
+          "thresholds": list(THRESHOLDS), "models": models}
+  from report import write_results  # experiments/decoding/report.py, beside this file.
+
+  write_results(HERE, rows, breakdowns, meta)
+  print(open(os.path.join(HERE, "RESULTS.md")).read())
+  print(json.dumps({"rows": rows, "breakdown": breakdowns, "meta": meta}))
+
+
+if __name__ == "__main__":
+  app.run(main)
