@@ -33,7 +33,10 @@ _LAZY = {"train": "deepexit_jax.train", "run_sweep": "deepexit_jax.sweep",
          "SweepReport": "deepexit_jax.sweep", "SweepRow": "deepexit_jax.sweep",
          **{name: "deepexit_jax.probes" for name in (
              "Collection", "ProbeStudy", "SaturationProbe", "collect", "fit_probe",
-             "load_probe", "run_probes", "run_study", "save_probe")}}
+             "load_probe", "run_probes", "run_study", "save_probe")},
+         **{name: "deepexit_jax.decoding" for name in (
+             "DecodeCost", "DecodeResult", "decode_cost", "decode_teacher_forced", "generate",
+             "generate_text")}}
 
 
 def __getattr__(name):
@@ -44,6 +47,12 @@ def __getattr__(name):
   raise AttributeError(f"module 'deepexit_jax' has no attribute {name!r}")
 
 __all__ = [
+    "DecodeCost",
+    "DecodeResult",
+    "decode_cost",
+    "decode_teacher_forced",
+    "generate",
+    "generate_text",
     "ByteTokenizer",
     "CharTokenizer",
     "Collection",
