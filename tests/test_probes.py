@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from deepexit_jax import data, exits, probes
+from deepexit_jax import checkpoint, data, exits, probes
 from deepexit_jax.checkpoint import save_model, write_json
 from deepexit_jax.config import ExperimentConfig
 from deepexit_jax.errors import UserError
@@ -108,24 +109,22 @@ def test_metrics_against_a_direct_computation():
 # Collection.
 
 
-@pytest.mark.parametrize("use_scan", [True, False])
-def test_collection_equals_the_models_per_layer_outputs(use_scan):
+def test_collection_equals_the_models_per_layer_outputs():
   model, b = _model(), _batches()
   col = _collection()
   # The same token order as the evaluation windows: batch-major, then rows, then time.
   idx = np.arange(col.num_tokens)
   bi, rem = np.divmod(idx, 4 * 16)
   ri, ti = np.divmod(rem, 16)
-  out = jax.jit(lambda x: model(x, per_layer_fn=lambda h: None))  # noqa: F841 (documented)
-  logits, hidden, embed = [], [], []
-  for i in range(int(bi.max()) + 1):
-    logits.append(np.asarray(all_layer_logits(model, b.inputs[i])))
-    o = model(jnp.asarray(b.inputs[i]), per_layer_fn=lambda h: None)
-    hidden.append(np.asarray(o.hidden_NBTD))
-    embed.append(np.asarray(o.embed_BTD))
-  logits_NMV = np.stack(logits)[bi, :, ri, ti].transpose(1, 0, 2)
-  hidden_NMD = np.stack(hidden)[bi, :, ri, ti].transpose(1, 0, 2)
-  embed_MD = np.stack(embed)[bi, ri, ti]
+  # The reference: the model's own per-layer outputs on all windows in one call.
+  inputs = np.asarray(b.inputs[:int(bi.max()) + 1])
+  flat = inputs.reshape(-1, 16)
+  logits_NWTV = np.asarray(all_layer_logits(model, flat))
+  out = nnx.jit(lambda m, x: m(x, per_layer_fn=lambda h: None))(model, flat)
+  w = bi * 4 + ri  # window index of each collected token
+  logits_NMV = logits_NWTV[:, w, ti]
+  hidden_NMD = np.asarray(out.hidden_NBTD)[:, w, ti]
+  embed_MD = np.asarray(out.embed_BTD)[w, ti]
   np.testing.assert_allclose(col.hidden_NMD[1:], hidden_NMD, atol=1e-5)
   np.testing.assert_allclose(col.hidden_NMD[0], embed_MD, atol=1e-6)
   np.testing.assert_array_equal(col.topk_NMK, np.argsort(-logits_NMV, -1)[..., :3])
@@ -142,11 +141,22 @@ def test_collection_equals_the_models_per_layer_outputs(use_scan):
   h_in, h_out = col.h_in_NMD.astype(np.float64), col.h_out_NMD.astype(np.float64)
   cos = (h_in * h_out).sum(-1) / np.linalg.norm(h_in, axis=-1) / np.linalg.norm(h_out, axis=-1)
   np.testing.assert_allclose(col.state_NM, cos, atol=1e-5)
-  # The Python-loop path of the same layer scan gives the same summaries.
-  summ = probes.layer_summaries(model, b.inputs[0], b.targets[0], top_k=3, use_scan=use_scan)
-  np.testing.assert_array_equal(np.asarray(summ["topk"]).reshape(4, -1, 3)[:, :64],
-                                col.topk_NMK[:, :64])
-  assert np.isin(col.top1_NM, np.arange(CONFIG.vocab_size)).all()
+  # The Python-loop path of the same layer body gives the same summaries.
+  scan = probes.layer_summaries(model, b.inputs[0], b.targets[0], top_k=3)
+  loop = probes.layer_summaries(model, b.inputs[0], b.targets[0], top_k=3, use_scan=False)
+  chex.assert_trees_all_close(scan, loop, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(scan["topk"]).reshape(4, -1, 3), col.topk_NMK[:, :64])
+
+
+def test_collection_never_materialises_all_layers_logits():
+  """A 32k vocabulary: [B, T, V] logits exist inside the scan body, [N, B, T, V] nowhere."""
+  big = ModelConfig(vocab_size=32_768, num_layers=8, dim=64, num_heads=4, max_len=128)
+  graphdef, state = nnx.split(checkpoint.abstract_model(big))  # shapes only
+  tokens = jax.ShapeDtypeStruct((8, 128), jnp.int32)
+  text = str(jax.make_jaxpr(lambda st, x: probes._layer_summaries(
+      nnx.merge(graphdef, st), x, x, 5))(state, tokens))
+  assert "f32[8,128,32768]" in text
+  assert "f32[8,8,128,32768]" not in text
 
 
 def test_collection_round_trips_through_npz(tmp_path):
