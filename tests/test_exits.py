@@ -347,6 +347,38 @@ def test_nll(kwargs):
                               exits.predict_with_exit(_model(), _tokens(), EDGES, **kwargs))
 
 
+@pytest.mark.parametrize("kwargs", [ORACLE, COPY, dict(ORACLE, measure="state"),
+                                    dict(COPY, measure="entropy")],
+                         ids=["oracle", "copy", "oracle-state", "copy-entropy"])
+def test_without_logits_equals_with_logits(kwargs):
+  """return_logits=False (the large-vocabulary summary path) changes nothing else."""
+  targets = np.roll(_tokens(), -1, axis=1)
+  full = exits.predict_with_exit(_model(), _tokens(), EDGES, targets=targets, **kwargs)
+  lean = exits.predict_with_exit(_model(), _tokens(), EDGES, targets=targets,
+                                 return_logits=False, **kwargs)
+  assert lean.logits is None
+  chex.assert_trees_all_close(lean, full.replace(logits=None), rtol=1e-5, atol=1e-6)
+
+
+def test_oracle_without_logits_keeps_one_layer_of_logits():
+  """The summary path's peak memory holds about one [B, T, V] block, not one per layer."""
+  config = dataclasses.replace(CONFIG, vocab_size=4096)
+  model = create_model(config, seed=0)
+  tokens = jnp.zeros((4, 16), jnp.int32)
+  graphdef, state = nnx.split(model)
+  opts = dict(exit_layers=(1, 2, 3), measure="softmax", kv_policy="oracle", routing="token",
+              seq_quantile=1.0, threshold_decay=0.0, probe_flops=0)
+
+  def temp_bytes(return_logits):
+    fn = jax.jit(functools.partial(exits._predict, static_probe=None, opts=exits._Options(
+        **opts, return_logits=return_logits)))
+    compiled = fn.lower(graphdef, state, tokens, EDGES, tokens, None).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  one_layer = 4 * 16 * 4096 * 4
+  assert temp_bytes(False) < 3 * one_layer < temp_bytes(True)
+
+
 def test_oracle_exit_layer():
   logits_NBTV = _layers()[0]
   top_NBT = logits_NBTV.argmax(-1)

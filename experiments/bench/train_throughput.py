@@ -37,8 +37,9 @@ _CONFIG = flags.DEFINE_string(
 
 def _config(path: str, vocab: int, **model_overrides) -> ExperimentConfig:
   cfg = ExperimentConfig.from_dict(load_config_file(path)).with_vocab_size(vocab)
-  if model_overrides:
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model_overrides))
+  if model_overrides:  # Another depth: the config's per-layer weights may not fit it.
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model_overrides),
+                              loss_weights="uniform", exit_layers=(1,))
   return cfg
 
 
