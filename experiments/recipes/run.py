@@ -384,6 +384,41 @@ def _history_table(runs: list[Run]) -> list[str]:
   return lines
 
 
+def _findings(analyses, statics, groups, static_seeds) -> list[str]:
+  """Measured statements the chart and tables support, computed, not written by hand."""
+  out = []
+  best_static = min(statics.values(), key=lambda r: r.ppl)
+  deeper_worse = [d for d in statics if d > best_static.depth]
+  out.append(
+      f"- Depth: the best static model is the {best_static.depth}-layer one (PPL "
+      f"{best_static.ppl:.3f}); " + (
+          "deeper static models are no better at this budget ("
+          + ", ".join(f"{d}-layer {statics[d].ppl:.3f}" for d in sorted(deeper_worse))
+          + "), so the static front ends at depth "
+          f"{best_static.depth}: beyond it early exit has nothing to save." if deeper_worse
+          else "every extra layer lowers PPL."))
+  for d in DEPTHS:
+    beat = [a.run.label for a in analyses if a.gaps["oracle"][d] < 0]
+    out.append(f"- At the static {d}-layer model's FLOPs, {len(beat)} of {len(analyses)} "
+               "recipes' oracle-KV fronts are below it" + (f" ({', '.join(beat)})" if beat
+                                                          else "") + ".")
+  sds = []
+  for runs in groups.values():
+    if len(runs) > 1:
+      sds.append(statistics.stdev([a.full.ppl for a in runs]))
+  for d in SEEDED_STATIC_DEPTHS:
+    ppl = [st[d].ppl for st in static_seeds.values() if d in st]
+    if len(ppl) > 1:
+      sds.append(statistics.stdev(ppl))
+  if sds:
+    scores = sorted(score(a.gaps["oracle"]) for a in analyses)
+    out.append(
+        f"- Noise: seed-to-seed standard deviation of a model's PPL is "
+        f"{min(sds):.3f}-{max(sds):.3f} (models with >= 2 seeds); the recipes' mean front "
+        f"gaps (depths 2-4) span {_pct(scores[0], True)} to {_pct(scores[-1], True)}.")
+  return out
+
+
 def main(argv):
   del argv
   timing_path = os.path.join(_WORKDIR.value, "timing.json")
@@ -556,6 +591,7 @@ def write_results(analyses, statics, groups, static_seeds, long_an, timing, miss
       + " / ".join(_pct(best.gaps["oracle"][k], True) for k in DEPTHS)
       + " (oracle), " + " / ".join(_pct(best.gaps["copy"][k], True) for k in DEPTHS)
       + " (copy).")
+  lines += ["", *_findings(analyses, statics, groups, static_seeds)]
   notes = os.path.join(HERE, "NOTES.md")
   if os.path.exists(notes):
     lines += ["", open(notes).read()]
