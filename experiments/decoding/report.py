@@ -54,8 +54,8 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_xlabel("ideal speedup (full-depth FLOPs / early-exit FLOPs)")
     ax.set_title(f"batch {batch}")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
   axes[0].set_ylabel("measured speedup (tokens/s vs full depth)")
-  axes[1].legend(fontsize=7, loc="upper left")
   fig.suptitle("Early-exit decoding: measured vs ideal speedup (softmax thresholds)")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -72,6 +72,32 @@ def _breakdown_lines(breakdowns: dict) -> list[str]:
                  f"{us['checks_never_exit']:.1f} | {us['copy_all_exit']:.1f} | "
                  f"{us['recompute_all_exit']:.1f} |")
   return lines
+
+
+def _breakdown_text(breakdowns: dict, rows: list[dict]) -> list[str]:
+  """The breakdown in words; every figure derived from the measured table above."""
+  out = []
+  for name, b in breakdowns.items():
+    us, k, n = b["cpu_us_per_step"], b["first_exit_layer"], b["num_layers"]
+    all_exit = next((r for r in rows if r["model"] == name and r["batch"] == 1
+                     and r["kv_policy"] == "copy" and r["threshold"] == 0.0), None)
+    text = (f"- `{name}`: a layer costs about {(us['full'] - us['truncated']) / (n - k):.1f} "
+            f"µs per step ((full - truncated) / {n - k} layers); everything that is not a "
+            f"layer (embedding, final head, sampling, loop, recording) about "
+            f"{us['truncated'] - k * (us['full'] - us['truncated']) / (n - k):.1f} µs. "
+            f"The exit checks cost {us['checks_never_exit'] - us['full']:+.1f} µs per step "
+            f"when nobody exits ({100 * (us['checks_never_exit'] / us['full'] - 1):+.0f}% of "
+            f"a full-depth step). Exiting everyone at layer {k} costs "
+            f"{us['copy_all_exit'] - us['truncated']:+.1f} µs over the truncated model "
+            f"(check + cond + copied keys/values for {n - k} layers + writing {n} cache rows "
+            f"instead of {k}).")
+    if all_exit is not None:
+      text += (f" So at threshold 0 the truncated model itself reaches "
+               f"{us['full'] / us['truncated']:.2f}x of the {all_exit['ideal_flops_speedup']:.2f}x "
+               f"FLOPs ideal, and copy-exit reaches {us['full'] / us['copy_all_exit']:.2f}x "
+               "(CPU time).")
+    out.append(text)
+  return out
 
 
 def write_results(here: str, rows: list[dict], breakdowns: dict, meta: dict) -> None:
@@ -118,6 +144,7 @@ def write_results(here: str, rows: list[dict], breakdowns: dict, meta: dict) -> 
       "## Where the time goes (batch 1, process CPU microseconds per decode step, median)",
       "",
       *_breakdown_lines(breakdowns), "",
+      *_breakdown_text(breakdowns, rows), "",
       "`truncated` is the model cut to its first exit layer k, decoded at full depth by "
       "the same code: the floor an exit at k can reach. `checks, nobody exits` minus "
       "`full depth` is the cost of the exit checks (exit head, softmax confidence, "
@@ -126,6 +153,30 @@ def write_results(here: str, rows: list[dict], breakdowns: dict, meta: dict) -> 
       "of the copied state for the N - k skipped layers, and writing every layer's "
       "cache row. Under `recompute` every exit leaves a pending position, so a full "
       "queue forces a catch-up to layer N (all exit at k = the worst case).", "",
+  ]
+  spread = max(
+      max(r["tokens_per_s_median"] for r in group) / min(r["tokens_per_s_median"]
+                                                         for r in group)
+      for group in ([r for r in rows if r["threshold"] is None and r["model"] == m
+                     and r["batch"] == b] for m in models for b in (1, 8)) if group)
+  load = meta.get("load_average")
+  lines += [
+      "## Reading these numbers", "",
+      "- Wall-clock figures depend on what else the host runs"
+      + (f" (1-minute load average {load[0]:.1f} at the start of this run)" if load else "")
+      + f": the same full-depth decode timed in different groups of this run differs by "
+      f"up to {spread:.2f}x, so single rows are noisy even with interleaving; quote them "
+      "from a run on a quiet machine.",
+      "- `recompute` does not save FLOPs in decoding: its executed-FLOPs column stays "
+      "near 1x because almost every pending position is caught up by a later token that "
+      "goes deeper. It is also slower per step than `copy` here: a catch-up runs "
+      "1 + max_pending query rows (empty slots included) through each layer it needs. "
+      "Its FLOPs ideal is the emulation's `oracle` count, reachable only if pending "
+      "positions were never needed again.",
+      "- Batch 8 under `sync` exits only when all 8 rows are confident, so its mean exit "
+      "layer stays near N except at low thresholds; `row` takes each row's own exit "
+      "(the quality of `copy` row by row) but the batch still runs to its deepest row, "
+      "so its executed-FLOPs speedup sits below its ideal.", "",
   ]
   notes = os.path.join(here, "NOTES.md")
   if os.path.exists(notes):

@@ -152,6 +152,7 @@ def breakdown(model, prompt_BP, steps, exit_layers, rounds):
 def main(argv):
   del argv
   rounds = 3 if _QUICK.value else _ROUNDS.value
+  load_average = os.getloadavg()
   rows, breakdowns, models = [], {}, {}
   for name, cfg_name in MODELS.items():
     wd = os.path.join(_WORKDIR.value, name)
@@ -176,7 +177,7 @@ def main(argv):
     breakdowns[name] = breakdown(model, _prompts(ckpt, 1), steps, exit_layers, rounds)
   meta = {"jax": jax.__version__, "backend": jax.default_backend(),
           "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
-          "machine": platform.machine(), "rounds": rounds, "prompt_len": PROMPT_LEN,
+          "machine": platform.machine(), "load_average": load_average, "rounds": rounds, "prompt_len": PROMPT_LEN,
           "thresholds": list(THRESHOLDS), "models": models}
   from report import write_results  # experiments/decoding/report.py, beside this file.
 
