@@ -48,7 +48,7 @@ def ensure_writable(directory: str) -> None:
   """Creates `directory` or raises a one-line UserError saying why it cannot."""
   try:
     os.makedirs(directory, exist_ok=True)
-    probe = os.path.join(directory, ".write_test")
+    probe = os.path.join(directory, f".write_test.{jax.process_index()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -59,7 +59,12 @@ def ensure_writable(directory: str) -> None:
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (temporary file + rename), so a kill never leaves half a file."""
+  """Writes JSON atomically (temporary file + rename), so a kill never leaves half a file.
+
+  On several hosts only process 0 writes (orbax coordinates the checkpoints).
+  """
+  if jax.process_index() != 0:
+    return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)

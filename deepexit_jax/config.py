@@ -35,6 +35,9 @@ class TrainConfig:
     eval_every: evaluate on the validation text every this many steps; 0 means
       once per epoch (and always at the end).
     log_every: print a progress line every this many steps.
+    num_devices: data-parallel devices (a ("data",) mesh; batches split over
+      them, parameters replicated); 0 = every device of every host. The batch
+      size must be divisible by it.
   """
 
   epochs: int = 1
@@ -49,6 +52,7 @@ class TrainConfig:
   seed: int = 0
   eval_every: int = 0
   log_every: int = 50
+  num_devices: int = 0
 
   def __post_init__(self):
     _check_int("train.epochs", self.epochs, 1)
@@ -57,6 +61,7 @@ class TrainConfig:
     _check_int("train.warmup_steps", self.warmup_steps, 0)
     _check_int("train.eval_every", self.eval_every, 0)
     _check_int("train.log_every", self.log_every, 1)
+    _check_int("train.num_devices", self.num_devices, 0)
     _check_int("train.seed", self.seed, 0)
     _check_float("train.learning_rate", self.learning_rate, 0.0, math.inf, low_open=True)
     _check_float("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)

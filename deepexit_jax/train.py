@@ -26,7 +26,7 @@ from absl import flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from deepexit_jax import checkpoint, cli, data, losses, tokenizers, xla_options
+from deepexit_jax import checkpoint, cli, data, losses, parallel, tokenizers, xla_options
 from deepexit_jax.config import ExperimentConfig, TrainConfig
 from deepexit_jax.errors import UserError
 from deepexit_jax.losses import deep_supervision_loss, resolve_loss_weights, token_nll
@@ -197,8 +197,11 @@ class Trainer:
     model = create_model(config.model, seed=config.train.seed)
     self.graphdef, params = nnx.split(model)
     self.tx = make_optimizer(config.train, total_steps)
-    self.initial_state = TrainState(params=params, opt_state=self.tx.init(params),
-                                    step=jnp.zeros((), jnp.int32))
+    self.mesh = parallel.data_mesh(config.train.num_devices)
+    parallel.check_batch_size(self.mesh, config.data.batch_size)
+    self.initial_state = parallel.replicate(
+        TrainState(params=params, opt_state=self.tx.init(params), step=jnp.zeros((), jnp.int32)),
+        self.mesh)
     self.dropout_key = jax.random.PRNGKey(config.train.seed + 1)
     self.recipe = config.recipe
     self.total_steps = total_steps
@@ -265,12 +268,17 @@ class Trainer:
     """Per-layer validation NLL and PPL over the whole validation text, once."""
     total_N, count = 0.0, 0.0
     for b in range(batches.inputs.shape[0]):
-      s_N, c = self.eval_step(params, batches.inputs[b], batches.targets[b], batches.mask[b])
+      s_N, c = self.eval_step(
+          params, *self.shard(batches.inputs[b], batches.targets[b], batches.mask[b]))
       total_N, count = total_N + s_N, count + c
     nll = np.asarray(total_N) / float(count)
     weighted = float(np.dot(self.weights_np, nll))
     return {"layer_nll": nll.tolist(), "layer_ppl": np.exp(nll).tolist(), "loss": weighted,
             "tokens": int(count)}
+
+  def shard(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+    """Host batch arrays as global arrays split over the data-parallel devices."""
+    return parallel.shard_batch(self.mesh, *arrays)
 
   def model(self, params) -> DeepSupervisionTransformer:
     return nnx.merge(self.graphdef, params)
@@ -310,6 +318,8 @@ def read_eval_records(workdir: str) -> list[dict[str, Any]]:
 
 
 def _append_jsonl(path: str, record: dict[str, Any]) -> None:
+  if not parallel.is_primary():  # One metrics file, however many hosts.
+    return
   with open(path, "a") as f:
     f.write(json.dumps(record) + "\n")
 
@@ -369,8 +379,8 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
 
   checkpoint.write_model_config(workdir, config.model)
   checkpoint.write_json(config_path, config.to_dict())
-  tokenizers.save_tokenizer(dataset.tokenizer,
-                                       os.path.join(workdir, checkpoint.TOKENIZER_JSON))
+  if parallel.is_primary():
+    tokenizers.save_tokenizer(dataset.tokenizer, os.path.join(workdir, checkpoint.TOKENIZER_JSON))
   metrics_path = os.path.join(workdir, METRICS_JSONL)
 
   trainer = Trainer(config, total_steps)
@@ -406,7 +416,7 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
   end = total_steps if stop_at_step is None else min(total_steps, stop_at_step)
   while step < end:
     inputs, targets = batches.batch(step)
-    state, metrics = trainer.train_step(state, inputs, targets)
+    state, metrics = trainer.train_step(state, *trainer.shard(inputs, targets))
     step += 1
     is_eval = step % eval_every == 0 or step == total_steps
     if step % config.train.log_every == 0 or is_eval or step == end:
@@ -456,6 +466,9 @@ def run() -> None:
       "overridden, e.g. --config.train.epochs=2.", lock_config=True)
   workdir_flag = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
   resume_flag = flags.DEFINE_bool("resume", False, "Continue the run in --workdir.")
+  distributed_flag = flags.DEFINE_bool(
+      "distributed", False, "Multi-host: call jax.distributed.initialize() first (one "
+      "process per host; coordinator from the cluster environment).")
 
   def main(argv: Sequence[str]) -> None:
     del argv
@@ -463,6 +476,8 @@ def run() -> None:
       raise UserError("--config is required, e.g. --config=experiments/configs/reference.py")
     if not workdir_flag.value:
       raise UserError("--workdir is required: the directory for checkpoints and metrics")
+    if distributed_flag.value:
+      parallel.initialize_distributed()
     cli.log_devices()
     try:
       experiment = ExperimentConfig.from_dict(config_flag.value)

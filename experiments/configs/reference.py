@@ -40,7 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Every TrainConfig field is declared so that any can be overridden by flag.
   c.train = dict(epochs=10, max_steps=config_dict.placeholder(int), learning_rate=3e-3,
                  min_lr_ratio=0.1, warmup_steps=50, weight_decay=0.01, grad_clip=1.0,
-                 b1=0.9, b2=0.98, seed=0, eval_every=0, log_every=50)
+                 b1=0.9, b2=0.98, seed=0, eval_every=0, log_every=50,
+                 num_devices=0)  # 0: data-parallel over every device.
   # Training recipes, all off (BUILD_NOTES.md, Training recipes; experiments/recipes/).
   c.recipe = dict(curriculum="none", rotation_period=2, gradual_fraction=0.5,
                   layer_dropout=0.0, layer_dropout_schedule="exponential",
