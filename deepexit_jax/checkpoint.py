@@ -86,7 +86,7 @@ def write_model_config(directory: str, config: ModelConfig) -> None:
   """Writes model.json, refusing to overwrite one that describes another model."""
   path = os.path.join(directory, MODEL_JSON)
   if os.path.exists(path):
-    old = read_json(path)
+    old = ModelConfig(**read_json(path)).to_dict()  # Newer fields take their defaults.
     if old != config.to_dict():
       diff = {k: (old.get(k), v) for k, v in config.to_dict().items() if old.get(k) != v}
       raise UserError(

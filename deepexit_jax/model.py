@@ -32,6 +32,7 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,9 @@ class ModelConfig:
       "dots_no_batch" keeps the weight matmuls but recomputes attention.
     attention_chunks: causal attention in this many query blocks, each computing
       only the scores it can see (see `causal_attention`); 1 = one T x T block.
+    dtype: compute dtype of the matmuls, "float32" or "bfloat16" (mixed
+      precision: parameters, LayerNorms, the residual stream, attention softmax,
+      logits and the loss stay float32).
   """
 
   vocab_size: int
@@ -65,6 +69,7 @@ class ModelConfig:
   tie_embeddings: bool = False
   remat: str = "none"
   attention_chunks: int = 2
+  dtype: str = "float32"
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "dim", "num_heads", "max_len", "attention_chunks"):
@@ -81,6 +86,13 @@ class ModelConfig:
       raise UserError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
     if self.remat not in REMAT_POLICIES:
       raise UserError(f"model.remat={self.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+    if self.dtype not in COMPUTE_DTYPES:
+      raise UserError(f"model.dtype={self.dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
+
+  @property
+  def compute_dtype(self) -> Any:
+    """The matmul dtype handed to `nnx.Linear` (None = float32, the parameters' own)."""
+    return COMPUTE_DTYPES[self.dtype]
 
   @property
   def ffn_width(self) -> int:
@@ -130,11 +142,12 @@ class Block(nnx.Module):
     self.dropout = config.dropout
     self.attention_chunks = config.attention_chunks
     self.ln1 = nnx.LayerNorm(d, rngs=rngs)
-    self.qkv = nnx.Linear(d, 3 * d, kernel_init=init, rngs=rngs)
-    self.attn_out = nnx.Linear(d, d, kernel_init=out_init, rngs=rngs)
+    dt = config.compute_dtype
+    self.qkv = nnx.Linear(d, 3 * d, kernel_init=init, dtype=dt, rngs=rngs)
+    self.attn_out = nnx.Linear(d, d, kernel_init=out_init, dtype=dt, rngs=rngs)
     self.ln2 = nnx.LayerNorm(d, rngs=rngs)
-    self.fc1 = nnx.Linear(d, f, kernel_init=init, rngs=rngs)
-    self.fc2 = nnx.Linear(f, d, kernel_init=out_init, rngs=rngs)
+    self.fc1 = nnx.Linear(d, f, kernel_init=init, dtype=dt, rngs=rngs)
+    self.fc2 = nnx.Linear(f, d, kernel_init=out_init, dtype=dt, rngs=rngs)
 
   def kv(self, h_BTD: Array) -> tuple[Array, Array]:
     """Keys and values [B, T, H, K] this layer computes from its input states."""
@@ -203,8 +216,11 @@ def _causal_mask(lo: int, hi: int, s: int) -> Array:
 def _attend(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, mask_BTS: Array) -> Array:
   scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK) / jnp.sqrt(
       jnp.asarray(q_BTHK.shape[-1], q_BTHK.dtype))
+  # The softmax runs in float32 whatever the compute dtype (no-op for float32).
+  scores_BHTS = scores_BHTS.astype(jnp.float32)
   scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, jnp.finfo(scores_BHTS.dtype).min)
-  return jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(scores_BHTS, axis=-1), v_BSHK)
+  probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(v_BSHK.dtype)
+  return jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
 
 
 # body(layer_index, h_in_BTD, h_out_BTD, carry) -> (h_next_BTD, carry, per_layer_output)
@@ -234,7 +250,8 @@ class DeepSupervisionTransformer(nnx.Module):
     if config.tie_embeddings:
       self.unembed = None
     else:
-      self.unembed = nnx.Linear(config.dim, config.vocab_size, kernel_init=init, rngs=rngs)
+      self.unembed = nnx.Linear(config.dim, config.vocab_size, kernel_init=init,
+                                dtype=config.compute_dtype, rngs=rngs)
 
   def embed_tokens(self, tokens_BT: Array, positions_BT: Array | None = None) -> Array:
     """Token + learned position embedding: the input of layer 1."""
@@ -243,11 +260,17 @@ class DeepSupervisionTransformer(nnx.Module):
     return self.embed(tokens_BT) + self.pos_embed[...][positions_BT]
 
   def head(self, h_BTD: Array) -> Array:
-    """The shared exit head: final LayerNorm, then the unembedding, to logits."""
+    """The shared exit head: final LayerNorm, then the unembedding, to float32 logits."""
     *lead, d = h_BTD.shape
     x_MD = self.final_norm(h_BTD.reshape(-1, d))
-    logits_MV = self.embed.attend(x_MD) if self.unembed is None else self.unembed(x_MD)
-    return logits_MV.reshape(*lead, -1)
+    dt = self.config.compute_dtype
+    if self.unembed is not None:
+      logits_MV = self.unembed(x_MD)
+    elif dt is None:
+      logits_MV = self.embed.attend(x_MD)
+    else:
+      logits_MV = x_MD.astype(dt) @ self.embed.embedding[...].astype(dt).T
+    return logits_MV.astype(jnp.float32).reshape(*lead, -1)
 
   def layer(self, index: int) -> Block:
     """Block `index` (0-based) as a stand-alone module (for loops and decoding)."""

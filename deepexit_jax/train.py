@@ -356,8 +356,10 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
   if resume and has_state:
     stored = checkpoint.read_json(config_path)
     stored_cfg = ExperimentConfig.from_dict(stored)
+    # Compared after validation, so fields added since the run started take defaults.
     mismatch = [k for k in ("model", "data", "loss_weights")
-                if stored[k] != config.with_vocab_size(stored_cfg.model.vocab_size).to_dict()[k]]
+                if stored_cfg.to_dict()[k]
+                != config.with_vocab_size(stored_cfg.model.vocab_size).to_dict()[k]]
     if stored_cfg.recipe != config.recipe:
       mismatch.append("recipe")
     if mismatch:

@@ -310,3 +310,45 @@ def test_xla_options_are_used_only_where_the_backend_accepts_them():
   assert opts in ({}, xla_options.CPU_OPTIONS)
   f = xla_options.jit(lambda x: x * 2)
   np.testing.assert_array_equal(f(jnp.arange(3)), [0, 2, 4])
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  """Mixed precision: bf16 matmuls, float32 parameters/logits, outputs close to float32."""
+  cfg = ModelConfig(vocab_size=50, num_layers=3, dim=32, num_heads=4, max_len=16)
+  f32 = create_model(cfg, seed=0)
+  bf16 = create_model(dataclasses.replace(cfg, dtype="bfloat16"), seed=0)
+  params = nnx.state(bf16, nnx.Param)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  chex.assert_trees_all_equal(params, nnx.state(f32, nnx.Param))  # Same initialisation.
+  tokens = np.random.default_rng(0).integers(0, 50, (2, 16)).astype(np.int32)
+  out16, out32 = all_layer_logits(bf16, tokens), all_layer_logits(f32, tokens)
+  assert out16.dtype == jnp.float32
+  np.testing.assert_allclose(out16, out32, atol=0.05)
+  assert not np.allclose(out16, out32, atol=1e-6)  # The bf16 matmuls really ran.
+  jaxpr = str(jax.make_jaxpr(lambda m, x: m(x).per_layer)(bf16, tokens))
+  assert "bf16" in jaxpr
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_bfloat16_training_step(tiny_config, tie):
+  """A bf16 training step: float32 loss and gradients, close to the float32 step."""
+  from deepexit_jax.train import Trainer
+
+  def step(dtype):
+    cfg = tiny_config(num_devices=1).with_vocab_size(40)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, dtype=dtype, dropout=0.0, tie_embeddings=tie))
+    trainer = Trainer(cfg, total_steps=10)
+    x = np.random.default_rng(0).integers(0, 40, (8, 32)).astype(np.int32)
+    state, m = trainer.train_step(trainer.initial_state, *trainer.shard(x, np.roll(x, -1, 1)))
+    return state, m
+
+  (s16, m16), (_, m32) = step("bfloat16"), step("float32")
+  assert m16["loss"].dtype == jnp.float32
+  assert {x.dtype for x in jax.tree.leaves(s16.params)} == {jnp.dtype(jnp.float32)}
+  np.testing.assert_allclose(m16["loss"], m32["loss"], rtol=1e-2)
+
+
+def test_bad_dtype():
+  with pytest.raises(UserError, match="model.dtype='float16'"):
+    ModelConfig(vocab_size=5, num_layers=1, dim=8, num_heads=2, dtype="float16")
