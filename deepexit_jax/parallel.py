@@ -10,6 +10,7 @@ order, and keeps only the rows its own devices hold.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -24,12 +25,19 @@ DATA_AXIS = "data"
 def initialize_distributed() -> None:
   """Joins the multi-host runtime (TPU pod slice, several GPU hosts).
 
-  Coordinator address, process count and id come from the environment the
-  cluster sets (TPU VMs, SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-  JAX_PROCESS_ID); see README.md, "GPU / TPU".
+  On TPU VMs, SLURM and Open MPI JAX detects the cluster itself. Elsewhere set
+  JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID on every host; see README.md, "GPU / TPU".
   """
+  kwargs = {}
+  for name, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    value = os.environ.get(name)
+    if value is not None:
+      if not value.isdigit():
+        raise UserError(f"{name}={value!r} must be a non-negative integer")
+      kwargs[key] = int(value)
   try:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**kwargs)
   except (RuntimeError, ValueError) as e:
     raise UserError(f"--distributed: jax.distributed.initialize() failed ("
                     f"{' '.join(str(e).split())[:200]}): launch one process per host with "
