@@ -169,9 +169,13 @@ def _static_rows(statics: list[Run], reference: Run) -> dict[Run, SweepRow]:
 
 
 def points(rows: list[SweepRow], policy: str) -> list[SweepRow]:
-  """Operating points of one KV policy: its threshold and fixed-exit rows, full depth."""
+  """Operating points of one KV policy: its threshold and fixed-exit rows, full depth.
+
+  Points costing more than full depth (thresholds so high that nobody exits, paying
+  only the checks) are left out: full depth is always available instead.
+  """
   return [r for r in rows if r.kind == "full" or (
-      r.kv_policy == policy and (r.kind == "fixed" or (
+      r.kv_policy == policy and r.flops_fraction <= 1.0 and (r.kind == "fixed" or (
           r.kind == "threshold" and math.isfinite(r.threshold))))]
 
 
@@ -282,8 +286,11 @@ def plot(analyses: list[Analysis], statics: dict[int, SweepRow], ref: list[dict]
               marker=markers[i % len(markers)], color=colors[i % len(colors)], ms=5,
               lw=1.2, label=a.run.label)
     st = [statics[d] for d in sorted(statics)]
-    ax.plot([100 * s.flops_fraction for s in st], [s.ppl for s in st], "ks--", ms=9,
-            lw=2, label="static depth 1-4 (trained alone)", zorder=5)
+    ax.plot([100 * s.flops_fraction for s in st], [s.ppl for s in st], "ks", ms=9,
+            label="static depth 1-4 (trained alone)", zorder=5)
+    sf = pareto_front(st)  # best static model costing no more: a staircase
+    ax.step([100 * s.flops_fraction for s in sf] + [100.0], [s.ppl for s in sf] + [sf[-1].ppl],
+            "k--", where="post", lw=2, label="static front", zorder=4)
     for s in st:
       ax.annotate(f"static {s.depth}", (100 * s.flops_fraction, s.ppl), fontsize=7,
                   xytext=(4, 4), textcoords="offset points")
