@@ -49,7 +49,9 @@ class DataConfig:
       val_file), the leading fraction used for training; the rest is validation.
     train_chars: keep only the first this many characters of the training text; None: all.
     val_chars: keep only the first this many characters of the validation text; None: all.
-    tokenizer: "char" (fitted on the training text) or "byte" (UTF-8 bytes).
+    tokenizer: "char" (fitted on the training text), "byte" (UTF-8 bytes) or "bpe"
+      (byte-level BPE fitted on the training text; large vocabularies).
+    bpe_vocab_size: vocabulary size of the "bpe" tokenizer.
     seq_len: tokens per training/eval sequence (S).
     batch_size: sequences per batch (B).
   """
@@ -65,6 +67,7 @@ class DataConfig:
   train_chars: int | None = 500_000
   val_chars: int | None = 50_000
   tokenizer: str = "char"
+  bpe_vocab_size: int = tokenizers.DEFAULT_BPE_VOCAB
   seq_len: int = 128
   batch_size: int = 32
 
@@ -74,7 +77,7 @@ class DataConfig:
     if self.tokenizer not in tokenizers.TOKENIZER_KINDS:
       raise UserError(f"data.tokenizer={self.tokenizer!r} is unknown: use one of "
                       f"{', '.join(tokenizers.TOKENIZER_KINDS)}")
-    for name in ("seq_len", "batch_size"):
+    for name in ("seq_len", "batch_size", "bpe_vocab_size"):
       value = getattr(self, name)
       if not _is_int(value) or value < 1:
         raise UserError(f"data.{name}={value!r} is invalid: it must be an integer >= 1")
@@ -211,7 +214,8 @@ def _embedded_text() -> str:
 
 
 def _num_tokens(text: str, kind: str) -> int:
-  return len(text.encode("utf-8")) if kind == "byte" else len(text)
+  # BPE: the byte count bounds the token count; `prepare_dataset` checks the real one.
+  return len(text.encode("utf-8")) if kind in ("byte", "bpe") else len(text)
 
 
 def _check_long_enough(name: str, num_chars: int, num_tokens: int, cfg: DataConfig) -> None:
@@ -299,7 +303,7 @@ def prepare_dataset(cfg: DataConfig, tokenizer: tokenizers.Tokenizer | None = No
   """
   corpus = load_corpus(cfg)
   if tokenizer is None:
-    tokenizer = tokenizers.make_tokenizer(cfg.tokenizer, corpus.train_text)
+    tokenizer = tokenizers.make_tokenizer(cfg.tokenizer, corpus.train_text, cfg.bpe_vocab_size)
   train_tokens = tokenizer.encode(corpus.train_text)
   val_tokens = tokenizer.encode(corpus.val_text)
   _check_long_enough("training", len(corpus.train_text), len(train_tokens), cfg)

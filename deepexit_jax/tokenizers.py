@@ -1,4 +1,4 @@
-"""Character- and byte-level tokenizers, serialisable to JSON next to a checkpoint."""
+"""Character-, byte- and byte-pair (BPE) tokenizers, serialisable to JSON next to a checkpoint."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from deepexit_jax.errors import UserError
 
 # Shown for ids the vocabulary cannot map back to text (UNK), as UTF-8 decoding does.
 REPLACEMENT_CHAR = "\ufffd"
-TOKENIZER_KINDS = ("char", "byte")
+TOKENIZER_KINDS = ("char", "byte", "bpe")
+DEFAULT_BPE_VOCAB = 8192
 
 
 class CharTokenizer:
@@ -171,15 +172,89 @@ class ByteTokenizer:
     return "ByteTokenizer(vocab_size=256)"
 
 
-Tokenizer = CharTokenizer | ByteTokenizer
+class BPETokenizer:
+  """Byte-level byte-pair encoding (GPT-2 style) fitted on the training text.
+
+  A large-vocabulary tokenizer (V in the thousands to tens of thousands) built on
+  the Hugging Face `tokenizers` library: every UTF-8 byte is in the base
+  alphabet, so any text encodes (no UNK) and `decode(encode(text)) == text`.
+  """
+
+  def __init__(self, hf_tokenizer: Any):
+    self._tok = hf_tokenizer
+    self._json = hf_tokenizer.to_str()
+
+  @classmethod
+  def fit(cls, text: str, vocab_size: int = DEFAULT_BPE_VOCAB) -> BPETokenizer:
+    """Learns merges on `text` until the vocabulary has `vocab_size` ids (or no pair repeats).
+
+    Args:
+      text: training text.
+      vocab_size: target vocabulary size, >= 256 (the byte alphabet).
+
+    Returns:
+      A `BPETokenizer`; deterministic for the same text and size.
+    """
+    import tokenizers as hf
+
+    if vocab_size < 256:
+      raise UserError(f"data.bpe_vocab_size={vocab_size} must be >= 256 (the byte alphabet)")
+    tok = hf.Tokenizer(hf.models.BPE())
+    tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = hf.decoders.ByteLevel()
+    trainer = hf.trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False,
+        initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer=trainer)
+    return cls(tok)
+
+  @classmethod
+  def from_json_string(cls, s: str) -> BPETokenizer:
+    import tokenizers as hf
+
+    return cls(hf.Tokenizer.from_str(s))
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size()
+
+  def encode(self, text: str) -> np.ndarray:
+    """Encodes text to int32 ids."""
+    return np.asarray(self._tok.encode(text).ids, dtype=np.int32)
+
+  def decode(self, ids) -> str:
+    """Decodes ids to text (a cut multi-byte character gives U+FFFD)."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+      raise ValueError(f"BPE ids must lie in [0, {self.vocab_size}), got range "
+                       f"[{ids.min()}, {ids.max()}]")
+    return self._tok.decode(ids.tolist(), skip_special_tokens=False)
+
+  def to_json(self) -> dict[str, Any]:
+    """Returns a JSON-serialisable dict that `tokenizer_from_json` turns back into this."""
+    return {"kind": "bpe", "tokenizer": self._json}
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, BPETokenizer) and other._json == self._json
+
+  def __hash__(self) -> int:
+    return hash(("bpe", self._json))
+
+  def __repr__(self) -> str:
+    return f"BPETokenizer(vocab_size={self.vocab_size})"
 
 
-def make_tokenizer(kind: str, train_text: str) -> Tokenizer:
+Tokenizer = CharTokenizer | ByteTokenizer | BPETokenizer
+
+
+def make_tokenizer(kind: str, train_text: str, bpe_vocab_size: int = DEFAULT_BPE_VOCAB
+                   ) -> Tokenizer:
   """Fits a tokenizer of the given kind on the training text.
 
   Args:
-    kind: "char" or "byte".
-    train_text: the training text (the char vocabulary comes from it).
+    kind: "char", "byte" or "bpe".
+    train_text: the training text (the char and BPE vocabularies come from it).
+    bpe_vocab_size: vocabulary size of a "bpe" tokenizer.
 
   Returns:
     The fitted tokenizer.
@@ -188,7 +263,9 @@ def make_tokenizer(kind: str, train_text: str) -> Tokenizer:
     return CharTokenizer.fit(train_text)
   if kind == "byte":
     return ByteTokenizer()
-  raise UserError(f"unknown tokenizer {kind!r}: pass --config.data.tokenizer=char or byte")
+  if kind == "bpe":
+    return BPETokenizer.fit(train_text, bpe_vocab_size)
+  raise UserError(f"unknown tokenizer {kind!r}: pass --config.data.tokenizer=char, byte or bpe")
 
 
 def tokenizer_from_json(d: dict[str, Any]) -> Tokenizer:
@@ -205,8 +282,13 @@ def tokenizer_from_json(d: dict[str, Any]) -> Tokenizer:
     return CharTokenizer(d["chars"])
   if kind == "byte":
     return ByteTokenizer()
-  raise UserError(f"bad tokenizer JSON {str(d)[:80]!r}: expected {{'kind': 'char', 'chars': ...}} "
-                  "or {'kind': 'byte'}; re-save the tokenizer")
+  if kind == "bpe" and isinstance(d.get("tokenizer"), str):
+    try:
+      return BPETokenizer.from_json_string(d["tokenizer"])
+    except Exception as e:  # The library raises its own exception type for bad JSON.
+      raise UserError(f"bad BPE tokenizer JSON ({str(e)[:80]}): re-save the tokenizer") from None
+  raise UserError(f"bad tokenizer JSON {str(d)[:80]!r}: expected {{'kind': 'char', 'chars': ...}}, "
+                  "{'kind': 'byte'} or {'kind': 'bpe', 'tokenizer': ...}; re-save the tokenizer")
 
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:

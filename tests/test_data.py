@@ -382,3 +382,35 @@ def test_eval_batches_cover_every_target_once(length, seq_len, batch_size):
   # Only the tail is padding, and no batch is entirely padding.
   assert np.all(real.reshape(-1)[: length - 1]) and not np.any(real.reshape(-1)[length - 1:])
   assert ev.mask[-1].sum() > 0
+
+
+def test_bpe_tokenizer_round_trip_and_json(tmp_path):
+  from conftest import corpus_text
+
+  text = corpus_text(20_000)
+  tok = tokenizers.make_tokenizer("bpe", text, bpe_vocab_size=600)
+  assert tok.vocab_size == 600
+  ids = tok.encode(text)
+  assert ids.dtype == np.int32 and ids.max() < 600
+  assert len(ids) < 0.6 * len(text)  # Merges really compress the text.
+  assert tok.decode(ids) == text
+  unseen = "naïve 日本語 \x00 text"  # Bytes never seen in training still encode.
+  assert tok.decode(tok.encode(unseen)) == unseen
+  path = tmp_path / "tok.json"
+  tokenizers.save_tokenizer(tok, path)
+  again = tokenizers.load_tokenizer(path)
+  assert again == tok and np.array_equal(again.encode(text), ids)
+  assert tokenizers.make_tokenizer("bpe", text, bpe_vocab_size=600) == tok  # Deterministic.
+
+
+def test_bpe_dataset_and_errors(corpus_file):
+  cfg = data.DataConfig(dataset="text_files", train_file=corpus_file, train_chars=None,
+                        val_chars=None, seq_len=32, batch_size=4, tokenizer="bpe",
+                        bpe_vocab_size=512)
+  ds = data.prepare_dataset(cfg)
+  assert ds.vocab_size == 512 and ds.train_tokens.max() < 512
+  assert ds.tokenizer.decode(ds.val_tokens) == ds.corpus.val_text
+  with pytest.raises(UserError, match="bpe_vocab_size=100 must be >= 256"):
+    data.prepare_dataset(dataclasses.replace(cfg, bpe_vocab_size=100))
+  with pytest.raises(UserError, match="bad BPE tokenizer JSON"):
+    tokenizers.tokenizer_from_json({"kind": "bpe", "tokenizer": "{not json"})

@@ -257,3 +257,20 @@ def test_sweep_passes_sequence_routing_to_the_engine(runs):
   assert 0.2 < pick(token).shallow_exit < 0.8
   assert pick(seq).shallow_exit < pick(token).shallow_exit
   assert seq.metadata["routing"] == "sequence" and "routing `sequence`" in report.markdown(seq)
+
+
+def test_bpe_model_trains_and_sweeps(config_dict, tmp_path):
+  """Large-vocabulary path end to end: a BPE tokenizer, training, a summary-path sweep."""
+  from deepexit_jax.config import ExperimentConfig
+  from deepexit_jax.train import train
+
+  d = config_dict(max_steps=4, eval_every=4)
+  d["data"].update(tokenizer="bpe", bpe_vocab_size=1024)
+  result = train(ExperimentConfig.from_dict(d), str(tmp_path / "bpe"))
+  assert result.model.config.vocab_size == 1024
+  report = sweep.run_sweep(str(tmp_path / "bpe"), np.array([0.0, np.inf], np.float32),
+                           kv_policies=("oracle",))
+  rows = {r.label: r for r in report.rows}
+  assert np.isfinite(rows["full depth"].ppl)
+  thr = [r for r in report.rows if r.kind == "threshold"]
+  assert thr[0].layers_fraction == 0.5 and thr[1].layers_fraction == 1.0

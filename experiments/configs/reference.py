@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
       train_chars=500_000,
       val_chars=50_000,
       tokenizer="char",
+      bpe_vocab_size=8192,  # tokenizer="bpe" only.
       seq_len=128,
       batch_size=32,
   )
