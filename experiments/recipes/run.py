@@ -411,8 +411,9 @@ def _findings(analyses, statics, groups, static_seeds) -> list[str]:
       f"{best_static.ppl:.3f}); " + (
           "deeper static models are no better at this budget ("
           + ", ".join(f"{d}-layer {statics[d].ppl:.3f}" for d in sorted(deeper_worse))
-          + "), so the static front ends at depth "
-          f"{best_static.depth}: beyond it early exit has nothing to save." if deeper_worse
+          + "), so the static front is flat from "
+          f"{_pct(best_static.flops_fraction)} FLOPs on: there a recipe can only win by being "
+          "a better model than the static one, not by skipping layers." if deeper_worse
           else "every extra layer lowers PPL."))
   for d in DEPTHS:
     beat = [a.run.label for a in analyses if a.gaps["oracle"][d] < 0]
