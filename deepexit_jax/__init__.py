@@ -29,7 +29,10 @@ from deepexit_jax.tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer
 
 # The binaries' modules (train, sweep) load on first use, so `python -m
 # deepexit_jax.train` does not find itself already imported by this package.
-_LAZY = {"train": "deepexit_jax.train", "run_sweep": "deepexit_jax.sweep",
+# `deepexit_jax.train` is the training module (a submodule import rebinds the name), so
+# the training function is exported as `train_model`.
+_ALIASES = {"train_model": ("deepexit_jax.train", "train")}
+_LAZY = {"run_sweep": "deepexit_jax.sweep",
          "SweepReport": "deepexit_jax.sweep", "SweepRow": "deepexit_jax.sweep",
          **{name: "deepexit_jax.probes" for name in (
              "Collection", "ProbeStudy", "SaturationProbe", "collect", "fit_probe",
@@ -40,9 +43,12 @@ _LAZY = {"train": "deepexit_jax.train", "run_sweep": "deepexit_jax.sweep",
 
 
 def __getattr__(name):
-  if name in _LAZY:
-    import importlib
+  import importlib
 
+  if name in _ALIASES:
+    module, attr = _ALIASES[name]
+    return getattr(importlib.import_module(module), attr)
+  if name in _LAZY:
     return getattr(importlib.import_module(_LAZY[name]), name)
   raise AttributeError(f"module 'deepexit_jax' has no attribute {name!r}")
 
@@ -90,5 +96,5 @@ __all__ = [
     "prepare_dataset",
     "resolve_loss_weights",
     "save_model",
-    "train",
+    "train_model",
 ]
