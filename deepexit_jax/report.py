@@ -196,6 +196,23 @@ def plot_measures(reports: dict[str, SweepReport], path: str, title: str = "") -
   plt.close(fig)
 
 
+def write_results(out_dir: str, lines: Sequence[str]) -> str:
+  """Writes out_dir/RESULTS.md from generated `lines`, then the hand-written NOTES.md there.
+
+  The reproduction scripts in experiments/ all end this way, so their numbers are
+  regenerated while their interpretation stays in one reviewed file.
+  """
+  notes = os.path.join(out_dir, "NOTES.md")
+  text = "\n".join(lines) + "\n"
+  if os.path.exists(notes):
+    with open(notes) as f:
+      text = "\n".join([*lines, "", f.read()]) + "\n"
+  path = os.path.join(out_dir, "RESULTS.md")
+  with open(path, "w") as f:
+    f.write(text)
+  return path
+
+
 def write_report(report: SweepReport, out_dir: str,
                  overlay: Sequence[tuple[str, float, float]] = ()) -> dict[str, str]:
   """Writes sweep.md, sweep.csv, sweep.json and sweep.png into `out_dir`."""

@@ -35,6 +35,22 @@ def corpus_text(num_chars: int = CORPUS_CHARS) -> str:
   return text[:num_chars]
 
 
+def spread_model(config):
+  """A random model whose layers disagree and whose confidences spread over (0, 1].
+
+  Random init gives near-uniform logits and near-identity blocks; scaling the head
+  and the block kernels makes exit tests meaningful without training.
+  """
+  from deepexit_jax.model import create_model
+
+  model = create_model(config, seed=0)
+  model.unembed.kernel[...] = model.unembed.kernel[...] * 40
+  for name in ("qkv", "attn_out", "fc1", "fc2"):
+    kernel = getattr(model.blocks, name).kernel
+    kernel[...] = kernel[...] * 5
+  return model
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> str:
   """Path of a UTF-8 text file holding `CORPUS_CHARS` characters of real English text."""

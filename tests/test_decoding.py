@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import spread_model
 
 from deepexit_jax import decoding, exits
 from deepexit_jax.checkpoint import save_model
@@ -25,14 +26,7 @@ THRESHOLDS = {"softmax": 0.6, "margin": 0.3, "state": 0.9}
 
 @functools.cache
 def _model():
-  """A tiny random model whose layers disagree and whose confidences spread (as in
-  test_exits.py)."""
-  model = create_model(CONFIG, seed=0)
-  model.unembed.kernel[...] = model.unembed.kernel[...] * 40
-  for name in ("qkv", "attn_out", "fc1", "fc2"):
-    kernel = getattr(model.blocks, name).kernel
-    kernel[...] = kernel[...] * 5
-  return model
+  return spread_model(CONFIG)
 
 
 @functools.cache

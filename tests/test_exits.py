@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import spread_model
 from flax import nnx
 
 from deepexit_jax import exits
@@ -21,15 +22,7 @@ N = CONFIG.num_layers
 
 @functools.cache
 def _model():
-  """A tiny random model whose layers disagree and whose confidences spread."""
-  model = create_model(CONFIG, seed=0)
-  # Random init gives near-uniform logits and near-identity blocks; scaling the head
-  # and the block kernels spreads the confidences over (0, 1] and across layers.
-  model.unembed.kernel[...] = model.unembed.kernel[...] * 40
-  for name in ("qkv", "attn_out", "fc1", "fc2"):
-    kernel = getattr(model.blocks, name).kernel
-    kernel[...] = kernel[...] * 5
-  return model
+  return spread_model(CONFIG)
 
 
 @functools.cache

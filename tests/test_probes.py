@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import spread_model
 from flax import nnx
 
 from deepexit_jax import checkpoint, data, exits, probes
@@ -27,13 +28,7 @@ FAST = probes.FitConfig(hidden=16, max_epochs=25, patience=4, batch_size=256)
 
 @functools.cache
 def _model():
-  """A tiny random model whose layers disagree (scaled as in test_exits)."""
-  model = create_model(CONFIG, seed=0)
-  model.unembed.kernel[...] = model.unembed.kernel[...] * 40
-  for name in ("qkv", "attn_out", "fc1", "fc2"):
-    kernel = getattr(model.blocks, name).kernel
-    kernel[...] = kernel[...] * 5
-  return model
+  return spread_model(CONFIG)
 
 
 @functools.cache

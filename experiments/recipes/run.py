@@ -29,7 +29,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from deepexit_jax import checkpoint, cli, data, sweep
+from deepexit_jax import checkpoint, cli, data, report, sweep
 from deepexit_jax.checkpoint import read_json
 from deepexit_jax.config import ExperimentConfig, load_config_file
 from deepexit_jax.sweep import SweepRow, pareto_front
@@ -630,11 +630,7 @@ def write_results(analyses, statics, groups, static_seeds, long_an, timing, miss
           f"static 2-layer model of the same seed: {verdict}, so the seed-0 result "
           + ("holds." if mean + std < 0 else "is not evidence that it beats static depth."))
   lines += ["", *_findings(analyses, statics, groups, static_seeds)]
-  notes = os.path.join(HERE, "NOTES.md")
-  if os.path.exists(notes):
-    lines += ["", open(notes).read()]
-  with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  report.write_results(HERE, lines)
 
 
 if __name__ == "__main__":

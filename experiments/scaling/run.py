@@ -119,11 +119,7 @@ def write_results(results: dict[str, sweep.SweepReport], params: dict[str, int],
   lines += ["", "## Wide model: full sweep", "", report.markdown(results["wide"]), "",
             "![PPL vs compute, wide model](sweep.png)", "",
             "## Small model (same budget): full sweep", "", report.markdown(results["small"])]
-  notes = os.path.join(HERE, "NOTES.md")
-  if os.path.exists(notes):
-    lines += ["", open(notes).read()]
-  with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  report.write_results(HERE, lines)
 
 
 if __name__ == "__main__":

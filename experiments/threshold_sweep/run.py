@@ -134,11 +134,7 @@ def write_results(result: sweep.SweepReport, ref: list[dict], dirs: dict[str, st
                                   f"{r.label} {r.kv_policy}: PPL {r.ppl:.3f}, "
                                   f"{100 * r.layers_fraction:.1f}% layers, "
                                   f"{100 * r.flops_fraction:.1f}% FLOPs"))
-  notes = os.path.join(HERE, "NOTES.md")
-  if os.path.exists(notes):
-    lines += ["", open(notes).read()]
-  with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  report.write_results(HERE, lines)
 
 
 if __name__ == "__main__":
