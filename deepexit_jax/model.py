@@ -21,14 +21,18 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from deepexit_jax.errors import UserError
 
 Array = jax.Array
 
+# Names of the residuals the custom-VJP attention saves (see `_attend`).
+ATTENTION_RESIDUALS = ("attention_out", "attention_lse")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
+    "attention": jax.checkpoint_policies.save_only_these_names(*ATTENTION_RESIDUALS),
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -50,8 +54,11 @@ class ModelConfig:
     tie_embeddings: if True the unembedding is the transposed input embedding.
     remat: rematerialisation of each layer inside the scan, one of `REMAT_POLICIES`:
       "none" stores every intermediate for the backward pass; "full" stores only
-      the layer inputs and recomputes the rest; "dots" keeps matmul outputs;
-      "dots_no_batch" keeps the weight matmuls but recomputes attention.
+      the layer inputs and recomputes the rest; "attention" also keeps each
+      layer's attention output and softmax log-normaliser ([B, T, D] + [B, H, T]),
+      so the backward pass recomputes the cheap projections but not the
+      attention forward; "dots" keeps matmul outputs; "dots_no_batch" keeps the
+      weight matmuls but recomputes attention.
     attention_chunks: causal attention in this many query blocks, each computing
       only the scores it can see (see `causal_attention`); 1 = one T x T block.
     dtype: compute dtype of the matmuls, "float32" or "bfloat16" (mixed
@@ -213,14 +220,59 @@ def _causal_mask(lo: int, hi: int, s: int) -> Array:
   return (jnp.arange(lo, hi)[:, None] >= jnp.arange(s)[None, :])[None]
 
 
-def _attend(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, mask_BTS: Array) -> Array:
+def _scores(q_BTHK: Array, k_BSHK: Array, mask_BTS: Array) -> Array:
+  """Masked attention logits [B, H, T, S] in float32 (masked entries: the float32 minimum)."""
   scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK) / jnp.sqrt(
       jnp.asarray(q_BTHK.shape[-1], q_BTHK.dtype))
   # The softmax runs in float32 whatever the compute dtype (no-op for float32).
   scores_BHTS = scores_BHTS.astype(jnp.float32)
-  scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, jnp.finfo(scores_BHTS.dtype).min)
-  probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(v_BSHK.dtype)
-  return jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
+  return jnp.where(mask_BTS[:, None], scores_BHTS, jnp.finfo(jnp.float32).min)
+
+
+@jax.custom_vjp
+def _attend(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, mask_BTS: Array) -> Array:
+  """softmax(q k^T / sqrt(K), masked) v, with a flash-attention-style backward pass.
+
+  The forward pass saves only the output and each row's log-normaliser (lse), not
+  the [B, H, T, S] probabilities; the backward pass recomputes the probabilities
+  as exp(scores - lse), one pass with no max or sum reduction, and uses
+  rowsum(dO * O) instead of rowsum(dP * P) (Dao et al., FlashAttention). Both
+  residuals carry `checkpoint_name`s, so the "attention" remat policy keeps them
+  while the rest of the layer is recomputed. Gradients equal autodiff of the
+  plain softmax to float rounding (tested).
+  """
+  return _attend_fwd(q_BTHK, k_BSHK, v_BSHK, mask_BTS)[0]
+
+
+def _attend_fwd(q_BTHK, k_BSHK, v_BSHK, mask_BTS):
+  scores_BHTS = _scores(q_BTHK, k_BSHK, mask_BTS)
+  max_BHT1 = jnp.max(scores_BHTS, axis=-1, keepdims=True)
+  exp_BHTS = jnp.exp(scores_BHTS - max_BHT1)
+  sum_BHT1 = jnp.sum(exp_BHTS, axis=-1, keepdims=True)
+  out_BTHK = jnp.einsum("bhts,bshk->bthk", (exp_BHTS / sum_BHT1).astype(v_BSHK.dtype), v_BSHK)
+  out_BTHK = checkpoint_name(out_BTHK, ATTENTION_RESIDUALS[0])
+  lse_BHT = checkpoint_name((max_BHT1 + jnp.log(sum_BHT1))[..., 0], ATTENTION_RESIDUALS[1])
+  return out_BTHK, (q_BTHK, k_BSHK, v_BSHK, mask_BTS, out_BTHK, lse_BHT)
+
+
+def _attend_bwd(residuals, dout_BTHK):
+  q_BTHK, k_BSHK, v_BSHK, mask_BTS, out_BTHK, lse_BHT = residuals
+  probs_BHTS = jnp.exp(_scores(q_BTHK, k_BSHK, mask_BTS) - lse_BHT[..., None])
+  dout_BTHK = dout_BTHK.astype(v_BSHK.dtype)
+  dv_BSHK = jnp.einsum("bhts,bthk->bshk", probs_BHTS.astype(v_BSHK.dtype), dout_BTHK)
+  dprobs_BHTS = jnp.einsum("bthk,bshk->bhts", dout_BTHK, v_BSHK).astype(jnp.float32)
+  # rowsum(dP * P) = rowsum(dO * O): [B, T, H, K] instead of [B, H, T, S] work.
+  delta_BHT = jnp.einsum("bthk,bthk->bht", dout_BTHK.astype(jnp.float32),
+                         out_BTHK.astype(jnp.float32))
+  dscores_BHTS = probs_BHTS * (dprobs_BHTS - delta_BHT[..., None]) / jnp.sqrt(
+      jnp.asarray(q_BTHK.shape[-1], jnp.float32))
+  dscores_BHTS = dscores_BHTS.astype(q_BTHK.dtype)
+  dq_BTHK = jnp.einsum("bhts,bshk->bthk", dscores_BHTS, k_BSHK)
+  dk_BSHK = jnp.einsum("bhts,bthk->bshk", dscores_BHTS, q_BTHK)
+  return dq_BTHK, dk_BSHK, dv_BSHK, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 # body(layer_index, h_in_BTD, h_out_BTD, carry) -> (h_next_BTD, carry, per_layer_output)

@@ -91,21 +91,25 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
 def layer_nll(model: DeepSupervisionTransformer, inputs_BT: jax.Array, targets_BT: jax.Array,
               weights_N: np.ndarray | None = None,
               dropout_rng: jax.Array | None = None,
-              layer_keep_NB: jax.Array | None = None) -> jax.Array:
+              layer_keep_NB: jax.Array | None = None,
+              *, zero_weight_layers: bool = True) -> jax.Array:
   """Every layer's per-token NLL [N, B, T] of `targets_BT`.
 
   The layer scan keeps only hidden states; the exit head then runs outside it as
   one batched matmul per group of layers. With `weights_N` (static numpy), layers
-  of zero weight are computed under `stop_gradient`: still reported, but no
-  backward pass through their head. `layer_keep_NB` is the layer-dropout mask
-  (`layer_keep_mask`), applied inside the scan.
+  of zero weight get no gradient: `zero_weight_layers=True` still computes their
+  NLL under `stop_gradient` (reported, no backward pass through their head);
+  False skips their head entirely and returns zeros for them (the training step:
+  their NLL is only needed on logging steps, see `Trainer.report_step`).
+  `layer_keep_NB` is the layer-dropout mask (`layer_keep_mask`), applied inside
+  the scan.
   """
   hidden_NBTD = model(inputs_BT, per_layer_fn=lambda h: None,
                       dropout_rng=dropout_rng, layer_keep_NB=layer_keep_NB).hidden_NBTD
   n = hidden_NBTD.shape[0]
   trained = list(range(n)) if weights_N is None else [i for i in range(n) if weights_N[i] > 0]
-  frozen = [i for i in range(n) if i not in trained]
-  nll_NBT = [None] * n
+  frozen = [i for i in range(n) if i not in trained] if zero_weight_layers else []
+  nll_NBT = [jnp.zeros(targets_BT.shape, jnp.float32)] * n
   for group, h_GBTD in ((trained, hidden_NBTD[np.asarray(trained, np.int32)]),
                         (frozen, jax.lax.stop_gradient(hidden_NBTD[np.asarray(frozen, np.int32)]))):
     if group:
@@ -211,22 +215,32 @@ class Trainer:
         config.model.num_layers, config.recipe.layer_dropout,
         config.recipe.layer_dropout_schedule)
     self.train_step = xla_options.jit(self._train_step, donate_argnums=0)
+    self.report_step = xla_options.jit(self._report_step)
     self.eval_step = xla_options.jit(self._eval_step)
 
-  def _loss(self, params, inputs_BT, targets_BT, mask_BT, key, step=None):
-    model = nnx.merge(self.graphdef, params)
-    if step is None or self.recipe.is_default:
-      nll_NBT = layer_nll(model, inputs_BT, targets_BT, self.weights_np, dropout_rng=key)
-      return deep_supervision_loss(nll_NBT, mask_BT, jnp.asarray(self.weights_np))
-    return self._recipe_loss(model, inputs_BT, targets_BT, mask_BT, key, step)
+  def _randomness(self, step: jax.Array, batch: int) -> tuple[jax.Array | None, jax.Array | None]:
+    """The dropout key and layer-dropout mask of training step `step` (None when off)."""
+    key = None
+    if self.config.model.dropout > 0:
+      key = jax.random.fold_in(self.dropout_key, step)
+    keep_NB = None
+    if self.recipe.layer_dropout > 0:
+      keep_NB = layer_keep_mask(jax.random.fold_in(self.layer_dropout_key, step),
+                                self.layer_dropout_rates, batch)
+    return key, keep_NB
 
-  def _recipe_loss(self, model, inputs_BT, targets_BT, mask_BT, key, step):
+  def _loss(self, params, inputs_BT, targets_BT, mask_BT, step):
+    model = nnx.merge(self.graphdef, params)
+    key, keep_NB = self._randomness(step, inputs_BT.shape[0])
+    if self.recipe.is_default:
+      nll_NBT = layer_nll(model, inputs_BT, targets_BT, self.weights_np, dropout_rng=key,
+                          zero_weight_layers=False)
+      return deep_supervision_loss(nll_NBT, mask_BT, jnp.asarray(self.weights_np))
+    return self._recipe_loss(model, inputs_BT, targets_BT, mask_BT, key, keep_NB, step)
+
+  def _recipe_loss(self, model, inputs_BT, targets_BT, mask_BT, key, keep_NB, step):
     """The training loss with `config.recipe`'s options (each costs nothing when off)."""
     r = self.recipe
-    keep_NB = None
-    if r.layer_dropout > 0:
-      keep_NB = layer_keep_mask(jax.random.fold_in(self.layer_dropout_key, step),
-                                self.layer_dropout_rates, inputs_BT.shape[0])
     weights_N = jnp.asarray(self.weights_np)
     if r.curriculum != "none":
       on_N = losses.curriculum_mask(step, self.weights_np, r.curriculum,
@@ -236,7 +250,7 @@ class Trainer:
       weights_N = losses.curriculum_weights(self.weights_np, on_N)
     if r.confidence_power == 0 and r.kd_weight == 0:
       nll_NBT = layer_nll(model, inputs_BT, targets_BT, self.weights_np, dropout_rng=key,
-                          layer_keep_NB=keep_NB)
+                          layer_keep_NB=keep_NB, zero_weight_layers=False)
       return deep_supervision_loss(nll_NBT, mask_BT, weights_N)
     terms = exit_terms(model, inputs_BT, targets_BT, self.weights_np,
                        confidence=r.confidence_power > 0,
@@ -248,16 +262,24 @@ class Trainer:
         kd_weight=r.kd_weight)
 
   def _train_step(self, state: TrainState, inputs_BT, targets_BT):
-    key = None
-    if self.config.model.dropout > 0:
-      key = jax.random.fold_in(self.dropout_key, state.step)
+    """One optimiser step. Its `layer_nll` metric is NaN for zero-weight layers: their exit
+    heads are not run here (`report_step` gives every layer's NLL on logging steps)."""
     mask_BT = jnp.ones(inputs_BT.shape, jnp.float32)
     (loss, layer_nll_N), grads = jax.value_and_grad(self._loss, has_aux=True)(
-        state.params, inputs_BT, targets_BT, mask_BT, key, state.step)
+        state.params, inputs_BT, targets_BT, mask_BT, state.step)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
+    layer_nll_N = jnp.where(jnp.asarray(self.weights_np) > 0, layer_nll_N, jnp.nan)
     return new_state, {"loss": loss, "layer_nll": layer_nll_N}
+
+  def _report_step(self, params, inputs_BT, targets_BT, step):
+    """Every layer's mean training NLL [N] on the batch of training step `step`, with that
+    step's dropout and layer dropout: what the step's loss saw, zero-weight layers included."""
+    key, keep_NB = self._randomness(step, inputs_BT.shape[0])
+    nll_NBT = layer_nll(nnx.merge(self.graphdef, params), inputs_BT, targets_BT,
+                        dropout_rng=key, layer_keep_NB=keep_NB)
+    return losses.masked_mean(nll_NBT, jnp.ones(inputs_BT.shape, jnp.float32))
 
   def _eval_step(self, params, inputs_BT, targets_BT, mask_BT):
     model = nnx.merge(self.graphdef, params)
@@ -417,18 +439,21 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
   run_start, run_start_step = window_start, step
   end = total_steps if stop_at_step is None else min(total_steps, stop_at_step)
   while step < end:
-    inputs, targets = batches.batch(step)
-    state, metrics = trainer.train_step(state, *trainer.shard(inputs, targets))
+    inputs, targets = trainer.shard(*batches.batch(step))
+    is_eval = (step + 1) % eval_every == 0 or step + 1 == total_steps
+    is_log = (step + 1) % config.train.log_every == 0 or is_eval or step + 1 == end
+    if is_log:  # Before the step: the state's buffers are donated to it.
+      layer_nll_N = trainer.report_step(state.params, inputs, targets, state.step)
+    state, metrics = trainer.train_step(state, inputs, targets)
     step += 1
-    is_eval = step % eval_every == 0 or step == total_steps
-    if step % config.train.log_every == 0 or is_eval or step == end:
+    if is_log:
       loss = float(metrics["loss"])
       if not math.isfinite(loss):
         raise _diverged("loss", loss, step, latest, latest_dir)
       now = time.perf_counter()
       rate = (step - window_step) * tokens_per_step / max(now - window_start, 1e-9)
       eta = (end - step) * (now - run_start) / max(step - run_start_step, 1)
-      layer_ppl = np.exp(np.asarray(metrics["layer_nll"])).tolist()
+      layer_ppl = np.exp(np.asarray(layer_nll_N)).tolist()
       logging.info("step %d/%d | loss %.4f | ppl %s | %.0f tok/s | ETA %s", step, total_steps,
                    loss, _format_ppl(layer_ppl), rate, time.strftime("%H:%M:%S",
                                                                      time.gmtime(eta)))

@@ -194,13 +194,13 @@ def test_layer_dropout_runs_inside_the_one_scan_and_is_off_at_eval(tiny_config):
   x, y = _batch()
   mask = jnp.ones(x.shape, jnp.float32)
   plain = Trainer(dataclasses.replace(cfg, recipe=RecipeConfig()), TOTAL_STEPS)
-  jaxprs = [jax.make_jaxpr(lambda p, t=t: t._loss(p, x, y, mask, None, jnp.int32(5))[0])(
+  jaxprs = [jax.make_jaxpr(lambda p, t=t: t._loss(p, x, y, mask, jnp.int32(5))[0])(
       params).jaxpr for t in (trainer, plain)]
   assert _count(jaxprs[0], "scan") == 1
   # The keep mask is applied in the scan body: one more select there than without it.
   assert _count(_scan_body(jaxprs[0]), "select_n") == _count(_scan_body(jaxprs[1]),
                                                              "select_n") + 1
-  loss = jax.jit(lambda p, step: trainer._loss(p, x, y, mask, None, step)[0])
+  loss = jax.jit(lambda p, step: trainer._loss(p, x, y, mask, step)[0])
   loss_a, loss_b, loss_c = (loss(params, jnp.int32(s)) for s in (5, 5, 6))
   assert float(loss_a) == float(loss_b)  # deterministic by (seed, step)
   assert float(loss_a) != float(loss_c)  # a new mask each step
@@ -223,13 +223,13 @@ def _log_softmax(z):
 ])
 def test_kd_and_confidence_losses_match_a_direct_computation(tiny_config, recipe):
   cfg = _config(tiny_config, num_layers=3, loss_weights="1:0.2,2:0.3,3:0.5", **recipe)
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.0))
   trainer = Trainer(cfg, TOTAL_STEPS)
   params = trainer.initial_state.params
   x, y = _batch(seed=1)
   mask = np.ones(x.shape, np.float32)
   mask[-1, 10:] = 0  # padding is excluded from every mean
-  loss, layer_nll_N = jax.jit(trainer._loss)(params, x, y, jnp.asarray(mask), None,
-                                             jnp.int32(0))
+  loss, layer_nll_N = jax.jit(trainer._loss)(params, x, y, jnp.asarray(mask), jnp.int32(0))
 
   logits = np.asarray(all_layer_logits(trainer.model(params), x), np.float64)
   logp = _log_softmax(logits)
@@ -278,15 +278,17 @@ def test_default_recipe_traces_the_plain_deep_supervision_loss(tiny_config):
   params = trainer.initial_state.params
   x, y = _batch()
   mask = jnp.ones(x.shape, jnp.float32)
-  key = jax.random.PRNGKey(0)
   w = trainer.weights_np
+  assert cfg.model.dropout > 0  # so the step's dropout key is part of the trace
 
   def plain(p):
     model = nnx.merge(trainer.graphdef, p)
-    return deep_supervision_loss(layer_nll(model, x, y, w, dropout_rng=key), mask,
-                                 jnp.asarray(w))
+    key = jax.random.fold_in(trainer.dropout_key, jnp.int32(3))
+    return deep_supervision_loss(
+        layer_nll(model, x, y, w, dropout_rng=key, zero_weight_layers=False), mask,
+        jnp.asarray(w))
 
-  ours = jax.make_jaxpr(lambda p: trainer._loss(p, x, y, mask, key, jnp.int32(3)))(params)
+  ours = jax.make_jaxpr(lambda p: trainer._loss(p, x, y, mask, jnp.int32(3)))(params)
   assert str(ours) == str(jax.make_jaxpr(plain)(params))
 
 

@@ -125,8 +125,10 @@ def test_load_checkpoint_returns_the_trained_model_and_tokenizer(trained):
   chex.assert_tree_all_finite(logits)
 
 
-def test_training_loss_equals_weighted_nll_of_all_layer_logits():
-  """The training loss (heads outside the scan, zero-weight layers frozen) is the plain one."""
+@pytest.mark.parametrize("zero_weight_layers", [True, False])
+def test_training_loss_equals_weighted_nll_of_all_layer_logits(zero_weight_layers):
+  """The training loss (heads outside the scan, zero-weight layers frozen or skipped) is
+  the plain one."""
   cfg = ModelConfig(vocab_size=19, num_layers=3, dim=16, num_heads=2, ffn_dim=24, max_len=16)
   graphdef, params = nnx.split(create_model(cfg))
   tokens = jax.random.randint(jax.random.key(0), (4, 17), 0, cfg.vocab_size)
@@ -135,7 +137,8 @@ def test_training_loss_equals_weighted_nll_of_all_layer_logits():
   weights = np.asarray([0.0, 0.7, 0.3], np.float32)
 
   def training_loss(p):
-    nll = layer_nll(nnx.merge(graphdef, p), inputs, targets, weights)
+    nll = layer_nll(nnx.merge(graphdef, p), inputs, targets, weights,
+                    zero_weight_layers=zero_weight_layers)
     return deep_supervision_loss(nll, mask, jnp.asarray(weights))
 
   def reference_loss(p):
@@ -146,9 +149,42 @@ def test_training_loss_equals_weighted_nll_of_all_layer_logits():
   (ref_loss, ref_per_layer), ref_grads = jax.jit(
       jax.value_and_grad(reference_loss, has_aux=True))(params)
   chex.assert_trees_all_close(loss, ref_loss, rtol=1e-5)
-  # Layer 1 has weight 0 but its NLL is still reported.
-  chex.assert_trees_all_close(per_layer, ref_per_layer, rtol=1e-5)
+  if zero_weight_layers:  # Layer 1 has weight 0 but its NLL is still reported ...
+    chex.assert_trees_all_close(per_layer, ref_per_layer, rtol=1e-5)
+  else:  # ... or its head is skipped.
+    assert float(per_layer[0]) == 0.0
+    chex.assert_trees_all_close(per_layer[1:], ref_per_layer[1:], rtol=1e-5)
   chex.assert_trees_all_close(grads, ref_grads, atol=1e-6, rtol=1e-4)
+
+
+def test_train_step_skips_zero_weight_heads_and_report_step_gives_every_layer(tiny_config):
+  """The optimiser step runs no exit head for a zero-weight layer (its metric is NaN);
+  `report_step`, which the loop calls on logging steps, gives every layer's NLL with the
+  step's own dropout, equal to the step's NLL where both exist."""
+  cfg = dataclasses.replace(tiny_config(num_devices=1), loss_weights="2:1").with_vocab_size(40)
+  trainer = Trainer(cfg, total_steps=10)
+  x = np.random.default_rng(0).integers(0, 40, (8, 32)).astype(np.int32)
+  x, y = trainer.shard(x, np.roll(x, -1, 1))
+  state = trainer.initial_state
+  step = jnp.asarray(3, jnp.int32)
+  state = state.replace(step=step)
+  key = jax.random.fold_in(trainer.dropout_key, step)
+  expected = layer_nll(trainer.model(state.params), x, y, dropout_rng=key).mean(axis=(1, 2))
+  report = trainer.report_step(state.params, x, y, state.step)
+  _, metrics = trainer.train_step(state, x, y)
+  chex.assert_trees_all_close(report, expected, rtol=1e-5)
+  assert np.isnan(metrics["layer_nll"][0]) and np.isfinite(metrics["layer_nll"][1])
+  chex.assert_trees_all_close(metrics["layer_nll"][1], report[1], rtol=1e-5)
+  chex.assert_trees_all_close(metrics["loss"], report[1], rtol=1e-5)
+  # The loss runs the exit head (a matmul with V outputs) on layer 2's B * T states only.
+  def head_rows(jaxpr):
+    return sum(math.prod(e.outvars[0].aval.shape[:-1]) for e in jaxpr.eqns
+               if e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1:] == (40,))
+  state = trainer.initial_state
+  mask = jnp.ones(x.shape, jnp.float32)
+  assert head_rows(jax.make_jaxpr(trainer._loss)(state.params, x, y, mask, step).jaxpr) == x.size
+  assert head_rows(jax.make_jaxpr(trainer._report_step)(
+      state.params, x, y, step).jaxpr) == 2 * x.size
 
 
 # Resuming.

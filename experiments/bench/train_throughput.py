@@ -76,21 +76,28 @@ def main(argv):
   compiled = trainer.train_step.lower(trainer.initial_state, inputs, targets).compile()
   compile_s = time.perf_counter() - t0
 
-  # Steady state: the real loop (host batch creation + dispatch + step), synced at the end.
+  # Steady state: the real loop (host batch creation + dispatch + step, and every
+  # `train.log_every` steps the all-layer NLL report that `train` logs), synced at the end.
   state = trainer.initial_state
+  report = trainer.report_step.lower(state.params, inputs, targets, state.step).compile()
+  jax.block_until_ready(report(state.params, inputs, targets, state.step))
   state, m = compiled(state, *batches.batch(0))
   jax.block_until_ready(m)
   t0 = time.perf_counter()
   for step in range(1, _STEPS.value + 1):
-    state, m = compiled(state, *batches.batch(step))
+    x, y = batches.batch(step)
+    if (step + 1) % cfg.train.log_every == 0:
+      report(state.params, x, y, state.step)
+    state, m = compiled(state, x, y)
   jax.block_until_ready(m)
   step_s = (time.perf_counter() - t0) / _STEPS.value
 
   # Breakdown of one step's parts, each timed alone.
   params = state.params
   mask = jnp.ones(inputs.shape, jnp.float32)
-  fwd = xla_options.jit(lambda p, x, y: trainer._loss(p, x, y, mask, None)[0])
-  fwd_bwd = xla_options.jit(jax.grad(lambda p, x, y: trainer._loss(p, x, y, mask, None)[0]))
+  step0 = jnp.zeros((), jnp.int32)
+  fwd = xla_options.jit(lambda p, x, y: trainer._loss(p, x, y, mask, step0)[0])
+  fwd_bwd = xla_options.jit(jax.grad(lambda p, x, y: trainer._loss(p, x, y, mask, step0)[0]))
   grads = fwd_bwd(params, inputs, targets)
   opt = xla_options.jit(lambda g, o, p: trainer.tx.update(g, o, p))
   noop = jax.jit(lambda x: x + 1)
@@ -100,6 +107,8 @@ def main(argv):
       "forward_ms": 1e3 * _time(fwd, params, inputs, targets, repeats=20),
       "forward_backward_ms": 1e3 * _time(fwd_bwd, params, inputs, targets, repeats=20),
       "optimizer_ms": 1e3 * _time(opt, grads, state.opt_state, params, repeats=20),
+      # Once per `train.log_every` steps: every layer's NLL, zero-weight layers included.
+      "report_ms": 1e3 * _time(report, params, inputs, targets, state.step, repeats=20),
   }
   parts["backward_ms"] = parts["forward_backward_ms"] - parts["forward_ms"]
 
