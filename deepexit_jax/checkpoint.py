@@ -83,16 +83,23 @@ def pure_params(model: nnx.Module) -> dict:
 
 
 def write_model_config(directory: str, config: ModelConfig) -> None:
-  """Writes model.json, refusing to overwrite one that describes another model."""
+  """Writes model.json, refusing to overwrite one that describes another model.
+
+  A stored config that differs only in execution options (`model.EXECUTION_FIELDS`,
+  e.g. `remat`) describes the same model: it is replaced by the new one.
+  """
   path = os.path.join(directory, MODEL_JSON)
   if os.path.exists(path):
-    old = ModelConfig(**read_json(path)).to_dict()  # Newer fields take their defaults.
-    if old != config.to_dict():
-      diff = {k: (old.get(k), v) for k, v in config.to_dict().items() if old.get(k) != v}
+    old = ModelConfig(**read_json(path))  # Newer fields take their defaults.
+    if old.architecture() != config.architecture():
+      new = config.architecture()
+      diff = {k: (old.architecture().get(k), v) for k, v in new.items()
+              if old.architecture().get(k) != v}
       raise UserError(
           f"{directory} already holds a checkpoint of a different model {diff} "
           "(stored, new): use a new directory or the same model config")
-    return
+    if old == config:
+      return
   write_json(path, config.to_dict())
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -495,10 +496,11 @@ def _check_options(model: DeepSupervisionTransformer, exit_layers: Sequence[int]
 
 
 def _check_tokens(tokens: Any, what: str) -> Array:
-  tokens_BT = jnp.asarray(tokens)
+  # Host inputs stay NumPy (no device round trip for the checks); jit moves them once.
+  tokens_BT = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
   if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
     raise UserError(f"{what} must hold integer token ids, got dtype {tokens_BT.dtype}")
-  tokens_BT = tokens_BT.astype(jnp.int32)
+  tokens_BT = tokens_BT.astype(np.int32)
   if tokens_BT.ndim == 1:
     tokens_BT = tokens_BT[None]
   if tokens_BT.ndim != 2 or tokens_BT.shape[0] < 1 or tokens_BT.shape[1] < 1:
@@ -507,8 +509,48 @@ def _check_tokens(tokens: Any, what: str) -> Array:
   return tokens_BT
 
 
+# model -> (node fingerprint, graphdef, state) of its last split; see `_split`.
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(node: nnx.Module) -> tuple[int, ...]:
+  """Identities of every submodule and Variable under `node`: what `nnx.split` would see,
+  in a fraction of its time (values are not part of it: a split state holds the model's
+  own Variable objects, so in-place updates reach it)."""
+  ids = []
+  for value in vars(node).values():
+    if isinstance(value, nnx.Variable):
+      ids.append(id(value))
+    elif isinstance(value, nnx.Module):
+      ids.append(id(value))
+      ids.extend(_fingerprint(value))
+  return tuple(ids)
+
+
+def _split(model: DeepSupervisionTransformer) -> tuple[nnx.GraphDef, nnx.State]:
+  """`nnx.split(model)`, reused while the model's structure is unchanged.
+
+  Splitting and hashing a fresh graphdef for jit's cache cost ~1 ms per call, about half
+  of a short decode (experiments/decoding). The reuse is keyed by the model object and
+  checked against `_fingerprint`, so a replaced submodule or Variable is split anew.
+  """
+  fingerprint = _fingerprint(model)
+  hit = _SPLITS.get(model)
+  if hit is None or hit[0] != fingerprint:
+    graphdef, state = nnx.split(model)
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
+      return graphdef, state  # A traced model (under an outer transform) is not kept.
+    hit = _SPLITS[model] = (fingerprint, graphdef, state)
+  return hit[1], hit[2]
+
+
+@functools.cache
+def _default_rng() -> Array:
+  return jax.random.key(0)
+
+
 def _run(model, tokens_BF, threshold, temperature, rng, opts) -> DecodeResult:
-  graphdef, state = nnx.split(model)
+  graphdef, state = _split(model)
   nested = any(isinstance(x, jax.core.Tracer)
                for x in jax.tree.leaves((state, tokens_BF, threshold, temperature, rng)))
   return _decode_jit(nested)(graphdef, state, tokens_BF, threshold, temperature, rng,
@@ -583,8 +625,8 @@ def generate(
                   batch_exit=batch_exit, max_pending=int(max_pending), prefill=p - 1,
                   num_steps=int(max_new_tokens), num_forced=p, sample=temperature > 0,
                   top_k=int(top_k), return_logits=bool(return_logits))
-  rng = jax.random.key(0) if rng is None else rng
-  return _run(model, prompt_BP, threshold, jnp.float32(max(temperature, 1e-6)), rng, opts)
+  rng = _default_rng() if rng is None else rng
+  return _run(model, prompt_BP, threshold, np.float32(max(temperature, 1e-6)), rng, opts)
 
 
 def decode_teacher_forced(
@@ -628,13 +670,13 @@ def decode_teacher_forced(
                   batch_exit=batch_exit, max_pending=int(max_pending), prefill=0,
                   num_steps=t, num_forced=t, sample=False, top_k=0,
                   return_logits=bool(return_logits))
-  return _run(model, tokens_BT, threshold, jnp.float32(1.0), jax.random.key(0), opts)
+  return _run(model, tokens_BT, threshold, np.float32(1.0), _default_rng(), opts)
 
 
 def _check_vocab(tokens_BT: Array, vocab_size: int, what: str) -> None:
   if isinstance(tokens_BT, jax.core.Tracer):
     return
-  lo, hi = int(jnp.min(tokens_BT)), int(jnp.max(tokens_BT))
+  lo, hi = int(tokens_BT.min()), int(tokens_BT.max())
   if lo < 0 or hi >= vocab_size:
     raise UserError(f"{what} holds token id {lo if lo < 0 else hi}, outside the model's "
                     f"vocabulary 0..{vocab_size - 1}")

@@ -112,6 +112,17 @@ class ModelConfig:
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
+  def architecture(self) -> dict[str, Any]:
+    """`to_dict()` without `EXECUTION_FIELDS`: two configs with equal architectures have
+    the same parameters and compute the same function (a checkpoint of one loads, and a
+    run of one resumes, under the other)."""
+    return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
+
+
+# Fields that change how a model computes (memory, speed), not what: float rounding aside,
+# outputs and gradients do not depend on them (tested).
+EXECUTION_FIELDS = ("remat", "attention_chunks")
+
 
 @flax.struct.dataclass
 class ModelOutput:

@@ -379,9 +379,11 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
     stored = checkpoint.read_json(config_path)
     stored_cfg = ExperimentConfig.from_dict(stored)
     # Compared after validation, so fields added since the run started take defaults.
-    mismatch = [k for k in ("model", "data", "loss_weights")
-                if stored_cfg.to_dict()[k]
-                != config.with_vocab_size(stored_cfg.model.vocab_size).to_dict()[k]]
+    new_cfg = config.with_vocab_size(stored_cfg.model.vocab_size)
+    mismatch = [k for k in ("data", "loss_weights")
+                if stored_cfg.to_dict()[k] != new_cfg.to_dict()[k]]
+    if stored_cfg.model.architecture() != new_cfg.model.architecture():
+      mismatch.insert(0, "model")  # Execution options (e.g. remat) may change on resume.
     if stored_cfg.recipe != config.recipe:
       mismatch.append("recipe")
     if mismatch:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import spread_model
+from flax import nnx
 
 from deepexit_jax import decoding, exits
 from deepexit_jax.checkpoint import save_model
@@ -162,6 +163,30 @@ def test_generated_tokens_follow_the_exit_logits_and_threshold_is_traced():
   top1 = decoding.generate(model, prompt, 8, 0.6, exit_layers=EXITS, temperature=2.0,
                            top_k=1, rng=jax.random.key(3))
   np.testing.assert_array_equal(np.asarray(top1.tokens), np.asarray(res.tokens))
+
+
+def test_reused_split_sees_updated_values_and_replaced_modules():
+  """`generate` reuses the model's split between calls; in-place updates of parameters
+  and replaced submodules still reach the decoder."""
+  model = spread_model(CONFIG)  # A private copy: this test edits it.
+  prompt = _tokens()[:, :4]
+
+  def logits():
+    return np.asarray(decoding.generate(model, prompt, 3, 0.6, exit_layers=EXITS,
+                                        return_logits=True).logits)
+
+  before = logits()
+  np.testing.assert_array_equal(logits(), before)
+  model.unembed.bias[...] = model.unembed.bias[...] + 1.0  # In place: shifts every logit.
+  np.testing.assert_allclose(logits(), before + 1.0, atol=1e-4)
+  shifted = logits()
+  model.final_norm = nnx.LayerNorm(CONFIG.dim, rngs=nnx.Rngs(0))
+  model.final_norm.bias[...] = jnp.full((CONFIG.dim,), 0.5)
+  replaced = logits()
+  assert not np.allclose(replaced, shifted, atol=1e-3)
+  expected = decoding.generate(nnx.clone(model), prompt, 3, 0.6, exit_layers=EXITS,
+                               return_logits=True).logits  # A fresh split.
+  np.testing.assert_allclose(replaced, np.asarray(expected), atol=1e-5)
 
 
 def test_decode_cost_of_copy_at_batch_one_is_the_emulations():

@@ -256,6 +256,17 @@ def test_divergence_seen_first_by_an_evaluation_does_not_replace_the_good_checkp
 # Bad inputs.
 
 
+def test_resume_may_change_execution_options(trained, config_dict, tmp_path):
+  """remat and attention chunks change how, not what, the model computes: a run resumes
+  under new ones (and model.json records them)."""
+  workdir = _copy_run(trained, tmp_path)
+  d = config_dict(max_steps=48)
+  d["model"].update(remat="attention", attention_chunks=1)
+  result = train(ExperimentConfig.from_dict(d), workdir, resume=True)
+  assert result.steps == 48
+  assert checkpoint.read_model_config(workdir).remat == "attention"
+
+
 def test_reusing_a_workdir_without_resume_is_refused(trained, tmp_path):
   workdir = _copy_run(trained, tmp_path)
   with pytest.raises(UserError, match="already holds a training run.*--resume"):

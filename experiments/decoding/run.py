@@ -9,7 +9,11 @@ speedup.png beside this file. Every figure comes from this run.
 Timing is interleaved: within a group (model, batch, policy, batch rule) every round
 times the full-depth baseline and each threshold once, in turn, so a noisy shared host
 slows all of them alike; each entry reports the min and median over rounds and the
-speedup is the ratio of medians measured in the same group. Process CPU time is
+speedup is the ratio of medians measured in the same group. Every configuration is
+timed at two lengths (the full decode and one step), so each row gives both the
+end-to-end call speedup and the speedup of one decode step, (long - short) / (steps -
+1), which leaves out what a call costs besides its steps (argument checks, graph split,
+dispatch, full-depth prompt prefill: the same for both decoders). Process CPU time is
 recorded beside wall-clock time: on a shared host it is the steadier of the two. The full-depth baseline is
 the same decoder with no exit layer (same cache, loop and sampling, no conds).
 
@@ -81,39 +85,64 @@ def _time(fn) -> tuple[float, float]:
   return time.perf_counter() - start, time.process_time() - cpu
 
 
+def _timed_rounds(runs: dict, steps: int, rounds: int) -> tuple[dict, dict]:
+  """Interleaved timing of `runs[key](num_steps)` for num_steps in (steps, 1).
+
+  Returns ({key: result of the long call}, {key: timing dict}) where each timing dict
+  holds median wall-clock and CPU seconds of the long call (`call_s`, `call_cpu_s`), the
+  marginal cost of one decode step, (long - short) / (steps - 1) (`step_s`,
+  `step_cpu_s`), and what a call costs besides its steps (`fixed_s` = short - step_s:
+  argument checks, graph split, dispatch and the full-depth prompt prefill, the same
+  for full-depth and early-exit decoding).
+  """
+  calls = {(key, m): (lambda fn=fn, m=m: fn(m)) for key, fn in runs.items() for m in (steps, 1)}
+  results = {key: fn() for key, fn in calls.items()}  # Compiles (once per length) and warms.
+  wall = {key: [] for key in calls}
+  cpu = {key: [] for key in calls}
+  for _ in range(rounds):
+    for key, fn in calls.items():
+      w, c = _time(fn)
+      wall[key].append(w)
+      cpu[key].append(c)
+  timing = {}
+  for key in runs:
+    long_w, short_w = (statistics.median(wall[(key, m)]) for m in (steps, 1))
+    long_c, short_c = (statistics.median(cpu[(key, m)]) for m in (steps, 1))
+    step_s = (long_w - short_w) / (steps - 1)
+    timing[key] = {"call_s": long_w, "call_min_s": min(wall[(key, steps)]),
+                   "call_cpu_s": long_c, "step_s": step_s,
+                   "step_cpu_s": (long_c - short_c) / (steps - 1), "fixed_s": short_w - step_s}
+  return {key: results[(key, steps)] for key in runs}, timing
+
+
 def bench_group(model, prompt_BP, steps, *, kv_policy, batch_exit, exit_layers, rounds):
   """Interleaved timing of full depth and every threshold; one row per threshold."""
   n = model.config.num_layers
 
   def call(layers, thr):
-    return lambda: decoding.generate(model, prompt_BP, steps, thr, exit_layers=layers,
-                                     kv_policy=kv_policy, batch_exit=batch_exit)
+    return lambda m: decoding.generate(model, prompt_BP, m, thr, exit_layers=layers,
+                                       kv_policy=kv_policy, batch_exit=batch_exit)
 
   runs = {"full": call((n,), np.inf), **{thr: call(exit_layers, thr) for thr in THRESHOLDS}}
-  results = {key: fn() for key, fn in runs.items()}  # Compiles (once per group) and warms.
-  times = {key: [] for key in runs}
-  cpu = {key: [] for key in runs}
-  for _ in range(rounds):
-    for key, fn in runs.items():
-      wall, proc = _time(fn)
-      times[key].append(wall)
-      cpu[key].append(proc)
-  base = statistics.median(times["full"])
-  base_cpu = statistics.median(cpu["full"])
+  results, timing = _timed_rounds(runs, steps, rounds)
+  base = timing["full"]
   b = prompt_BP.shape[0]
   rows = []
   for key in runs:
-    res = results[key]
+    res, tm = results[key], timing[key]
     cost = decoding.decode_cost(model.config, res, kv_policy=kv_policy)
-    med = statistics.median(times[key])
     rows.append({
         "threshold": None if key == "full" else key, "kv_policy": kv_policy,
         "batch": b, "batch_exit": batch_exit, "steps": steps,
-        "tokens_per_s_median": b * steps / med, "tokens_per_s_best": b * steps / min(times[key]),
-        "seconds_median": med, "seconds_min": min(times[key]),
-        "measured_speedup": base / med,
-        "cpu_seconds_median": statistics.median(cpu[key]),
-        "cpu_speedup": base_cpu / statistics.median(cpu[key]),
+        "tokens_per_s_median": b * steps / tm["call_s"],
+        "tokens_per_s_best": b * steps / tm["call_min_s"],
+        "decode_tokens_per_s": b / tm["step_s"], "fixed_ms": 1e3 * tm["fixed_s"],
+        "seconds_median": tm["call_s"], "step_us": 1e6 * tm["step_s"],
+        "measured_speedup": base["call_s"] / tm["call_s"],
+        "step_speedup": base["step_s"] / tm["step_s"],
+        "cpu_seconds_median": tm["call_cpu_s"],
+        "cpu_speedup": base["call_cpu_s"] / tm["call_cpu_s"],
+        "cpu_step_speedup": base["step_cpu_s"] / tm["step_cpu_s"],
         "mean_exit_layer": cost.mean_exit_layer, "mean_layers_run": cost.mean_layers_run,
         "ideal_layers_speedup": n / cost.mean_exit_layer,
         "run_layers_speedup": n / cost.mean_layers_run,
@@ -125,28 +154,23 @@ def bench_group(model, prompt_BP, steps, *, kv_policy, batch_exit, exit_layers, 
 
 
 def breakdown(model, prompt_BP, steps, exit_layers, rounds):
-  """Where the time goes at batch 1: exits compared with truncated and full models."""
+  """Where the time of a decode step goes at batch 1: exits compared with truncated and
+  full models (marginal CPU time per step, so per-call costs are left out)."""
   n, e = model.config.num_layers, exit_layers[0]
   trunc = truncated(model, e)
+  gen = decoding.generate
   runs = {
-      "full": lambda: decoding.generate(model, prompt_BP, steps, np.inf, exit_layers=(n,)),
-      "truncated": lambda: decoding.generate(trunc, prompt_BP, steps, np.inf,
-                                             exit_layers=(e,)),
-      "checks_never_exit": lambda: decoding.generate(model, prompt_BP, steps, np.inf,
-                                                     exit_layers=exit_layers),
-      "copy_all_exit": lambda: decoding.generate(model, prompt_BP, steps, 0.0,
-                                                 exit_layers=exit_layers),
-      "recompute_all_exit": lambda: decoding.generate(
-          model, prompt_BP, steps, 0.0, exit_layers=exit_layers, kv_policy="recompute"),
+      "full": lambda m: gen(model, prompt_BP, m, np.inf, exit_layers=(n,)),
+      "truncated": lambda m: gen(trunc, prompt_BP, m, np.inf, exit_layers=(e,)),
+      "checks_never_exit": lambda m: gen(model, prompt_BP, m, np.inf, exit_layers=exit_layers),
+      "copy_all_exit": lambda m: gen(model, prompt_BP, m, 0.0, exit_layers=exit_layers),
+      "recompute_all_exit": lambda m: gen(model, prompt_BP, m, 0.0, exit_layers=exit_layers,
+                                          kv_policy="recompute"),
   }
-  for fn in runs.values():
-    jax.block_until_ready(fn())
-  times = {key: [] for key in runs}
-  for _ in range(rounds):
-    for key, fn in runs.items():
-      times[key].append(_time(fn)[1])
-  us = {key: 1e6 * statistics.median(v) / steps for key, v in times.items()}
-  return {"first_exit_layer": e, "num_layers": n, "cpu_us_per_step": us}
+  _, timing = _timed_rounds(runs, steps, rounds)
+  return {"first_exit_layer": e, "num_layers": n,
+          "cpu_us_per_step": {key: 1e6 * t["step_cpu_s"] for key, t in timing.items()},
+          "fixed_ms": {key: 1e3 * t["fixed_s"] for key, t in timing.items()}}
 
 
 def main(argv):
