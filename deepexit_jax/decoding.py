@@ -466,13 +466,23 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, tokens_BF: Array, threshol
       checks=carry["checks"], start=opts.prefill, exit_layers=opts.exit_layers)
 
 
+def _decode_values(graphdef: nnx.GraphDef, treedef: Any, values: list[Array], *args,
+                   opts: _Options) -> DecodeResult:
+  """`_decode` with the model's state given as its flat leaf values."""
+  return _decode(graphdef, jax.tree.unflatten(treedef, values), *args, opts=opts)
+
+
 @functools.cache
-def _decode_jit(nested: bool):
-  # Built at first use (the compiler options depend on the backend); under a caller's
-  # jit XLA takes no per-function options.
-  static = ("graphdef", "opts")
-  return jax.jit(_decode, static_argnames=static) if nested else xla_options.jit(
-      _decode, static_argnames=static)
+def _decode_jit(graphdef: nnx.GraphDef, treedef: Any, nested: bool):
+  """The jitted decoder of one model structure (models of equal graphdefs share it).
+
+  Built at first use (the compiler options depend on the backend); under a caller's jit
+  XLA takes no per-function options.
+  """
+  fn = functools.partial(_decode_values, graphdef, treedef)
+  if nested:
+    return jax.jit(fn, static_argnames=("opts",))
+  return xla_options.jit(fn, static_argnames=("opts",))
 
 
 # ----------------------------------------------------------------------------------------
@@ -509,7 +519,23 @@ def _check_tokens(tokens: Any, what: str) -> Array:
   return tokens_BT
 
 
-# model -> (node fingerprint, graphdef, state) of its last split; see `_split`.
+@dataclasses.dataclass(frozen=True)
+class _Split:
+  """A model's split, kept between `generate` calls (see `_split`).
+
+  Attributes:
+    fingerprint: `_fingerprint(model)` when it was split.
+    variables: the model's Variable objects, in the order of `treedef`'s leaves; their
+      values are read at every call, so in-place parameter updates are seen.
+    decode: the jitted decoder of this structure, taking those values.
+  """
+
+  fingerprint: tuple[int, ...]
+  variables: list[Any]
+  decode: Any
+
+
+# model -> its last `_Split`.
 _SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -519,29 +545,45 @@ def _fingerprint(node: nnx.Module) -> tuple[int, ...]:
   own Variable objects, so in-place updates reach it)."""
   ids = []
   for value in vars(node).values():
-    if isinstance(value, nnx.Variable):
+    kind = _node_kind(type(value))
+    if kind:
       ids.append(id(value))
-    elif isinstance(value, nnx.Module):
-      ids.append(id(value))
-      ids.extend(_fingerprint(value))
+      if kind == "module":
+        ids.extend(_fingerprint(value))
   return tuple(ids)
 
 
-def _split(model: DeepSupervisionTransformer) -> tuple[nnx.GraphDef, nnx.State]:
-  """`nnx.split(model)`, reused while the model's structure is unchanged.
+@functools.cache
+def _node_kind(cls: type) -> str:
+  """"module", "variable" or "" (cached per class: `isinstance` on NNX types is slow)."""
+  if issubclass(cls, nnx.Variable):
+    return "variable"
+  return "module" if issubclass(cls, nnx.Module) else ""
 
-  Splitting and hashing a fresh graphdef for jit's cache cost ~1 ms per call, about half
-  of a short decode (experiments/decoding). The reuse is keyed by the model object and
-  checked against `_fingerprint`, so a replaced submodule or Variable is split anew.
+
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _split(model: DeepSupervisionTransformer) -> _Split | None:
+  """The model's split and decoder, reused while its structure is unchanged.
+
+  Splitting the model, flattening its state and hashing a fresh graphdef for jit's cache
+  cost ~1.3 ms per call, more than half of a short decode (experiments/decoding). The
+  reuse is keyed by the model object and checked against `_fingerprint`, so a replaced
+  submodule or Variable is split anew. None for a traced model (under an outer
+  transform), which is not kept.
   """
   fingerprint = _fingerprint(model)
   hit = _SPLITS.get(model)
-  if hit is None or hit[0] != fingerprint:
+  if hit is None or hit.fingerprint != fingerprint:
     graphdef, state = nnx.split(model)
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
-      return graphdef, state  # A traced model (under an outer transform) is not kept.
-    hit = _SPLITS[model] = (fingerprint, graphdef, state)
-  return hit[1], hit[2]
+    variables, treedef = jax.tree.flatten(state, is_leaf=_is_variable)
+    if any(isinstance(v.get_value(), jax.core.Tracer) for v in variables):
+      return None
+    hit = _SPLITS[model] = _Split(fingerprint, variables,
+                                  _decode_jit(graphdef, treedef, nested=False))
+  return hit
 
 
 @functools.cache
@@ -550,11 +592,13 @@ def _default_rng() -> Array:
 
 
 def _run(model, tokens_BF, threshold, temperature, rng, opts) -> DecodeResult:
-  graphdef, state = _split(model)
-  nested = any(isinstance(x, jax.core.Tracer)
-               for x in jax.tree.leaves((state, tokens_BF, threshold, temperature, rng)))
-  return _decode_jit(nested)(graphdef, state, tokens_BF, threshold, temperature, rng,
-                             opts=opts)
+  args = (tokens_BF, threshold, temperature, rng)
+  split = _split(model)
+  if split is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+    graphdef, state = nnx.split(model)  # Under a caller's transform: nothing is kept.
+    values, treedef = jax.tree.flatten(state)
+    return _decode_jit(graphdef, treedef, nested=True)(values, *args, opts=opts)
+  return split.decode([v.get_value() for v in split.variables], *args, opts=opts)
 
 
 def generate(

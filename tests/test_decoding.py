@@ -151,7 +151,7 @@ def test_full_depth_baseline_is_the_same_code_without_conds():
 
 def test_generated_tokens_follow_the_exit_logits_and_threshold_is_traced():
   model, prompt = _model(), _tokens(2, 3)
-  jitted = decoding._decode_jit(False)
+  jitted = decoding._split(model).decode
   res = decoding.generate(model, prompt, 8, 0.6, exit_layers=EXITS, return_logits=True)
   size = jitted._cache_size()
   again = decoding.generate(model, prompt, 8, 0.2, exit_layers=EXITS, return_logits=True)
