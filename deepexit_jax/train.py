@@ -445,7 +445,9 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
     is_eval = (step + 1) % eval_every == 0 or step + 1 == total_steps
     is_log = (step + 1) % config.train.log_every == 0 or is_eval or step + 1 == end
     if is_log:  # Before the step: the state's buffers are donated to it.
-      layer_nll_N = trainer.report_step(state.params, inputs, targets, state.step)
+      # Fetched before the step is dispatched, so the two programs never run at once:
+      # in a multi-process run their collectives must pair up in the same order.
+      layer_nll_N = np.asarray(trainer.report_step(state.params, inputs, targets, state.step))
     state, metrics = trainer.train_step(state, inputs, targets)
     step += 1
     if is_log:
