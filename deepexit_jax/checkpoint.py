@@ -91,10 +91,9 @@ def write_model_config(directory: str, config: ModelConfig) -> None:
   path = os.path.join(directory, MODEL_JSON)
   if os.path.exists(path):
     old = ModelConfig(**read_json(path))  # Newer fields take their defaults.
-    if old.architecture() != config.architecture():
-      new = config.architecture()
-      diff = {k: (old.architecture().get(k), v) for k, v in new.items()
-              if old.architecture().get(k) != v}
+    old_arch, new_arch = old.architecture(), config.architecture()
+    if old_arch != new_arch:
+      diff = {k: (old_arch.get(k), v) for k, v in new_arch.items() if old_arch.get(k) != v}
       raise UserError(
           f"{directory} already holds a checkpoint of a different model {diff} "
           "(stored, new): use a new directory or the same model config")

@@ -457,7 +457,7 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
       now = time.perf_counter()
       rate = (step - window_step) * tokens_per_step / max(now - window_start, 1e-9)
       eta = (end - step) * (now - run_start) / max(step - run_start_step, 1)
-      layer_ppl = np.exp(np.asarray(layer_nll_N)).tolist()
+      layer_ppl = np.exp(layer_nll_N).tolist()
       logging.info("step %d/%d | loss %.4f | ppl %s | %.0f tok/s | ETA %s", step, total_steps,
                    loss, _format_ppl(layer_ppl), rate, time.strftime("%H:%M:%S",
                                                                      time.gmtime(eta)))
