@@ -1,0 +1,153 @@
+"""Shared by the experiment drivers: train-or-reuse a run, seed statistics, the whole recipe.
+
+Imported by path (`sys.path.insert(0, experiments/)`), like `recipes/recipe.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+
+from deepexit_jax.checkpoint import read_json
+from deepexit_jax.config import ExperimentConfig
+from deepexit_jax.sweep import SweepRow
+from deepexit_jax.train import read_eval_records, train
+
+WALL_FILE = "wall_seconds"  # one line per training session; experiments/queue.sh writes it too
+
+
+def finished(config: ExperimentConfig, workdir: str) -> bool:
+  """Whether `workdir` holds a run of `config` that reached its last step."""
+  try:
+    recs = read_eval_records(workdir)
+  except OSError:
+    return False
+  if not recs:
+    return False
+  steps_per_epoch = round(recs[-1]["step"] / recs[-1]["epoch"])
+  return recs[-1]["step"] == (config.train.max_steps or config.train.epochs * steps_per_epoch)
+
+
+def ensure_trained(config: ExperimentConfig, workdir: str, *, train_missing: bool = True
+                   ) -> bool:
+  """Trains `config` into `workdir`, resumes it there, or reuses it if finished.
+
+  Args:
+    config: the run.
+    workdir: its directory; an interrupted run continues from its last checkpoint
+      (`train(resume=True)`, which refuses a workdir holding another config).
+    train_missing: False only reports (the drivers' --report_only).
+
+  Returns:
+    True if the run is finished (now or before).
+  """
+  if finished(config, workdir) or not train_missing:
+    return finished(config, workdir)
+  t0 = time.perf_counter()
+  train(config, workdir, resume=True)
+  with open(os.path.join(workdir, WALL_FILE), "a") as f:
+    f.write(f"{time.perf_counter() - t0:.0f}\n")
+  return True
+
+
+def wall_seconds(workdir: str) -> float | None:
+  """Training wall time of a run, summed over its sessions (None if unrecorded)."""
+  path = os.path.join(workdir, WALL_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return sum(float(x) for x in f.read().split())
+
+
+def mean_std(xs: list[float], digits: int = 3) -> str:
+  """"mean ± std (n seeds)"; one value is shown as such."""
+  if not xs:
+    return "n/a"
+  if len(xs) == 1:
+    return f"{xs[0]:.{digits}f} (1 seed)"
+  return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f} ({len(xs)} seeds)"
+
+
+def compare(name_a: str, a: list[float], name_b: str, b: list[float]) -> tuple[float, float, str]:
+  """Mean difference a - b of two PPL samples, its standard error, and the verdict.
+
+  The seeds of two models are independent samples (different architectures, so a
+  shared seed does not pair them), so SE = sqrt(var_a / n_a + var_b / n_b). A model
+  is said to beat the other only where |gap| > 2 SE.
+
+  Returns:
+    (gap, se, sentence); se is nan with fewer than 2 seeds on either side.
+  """
+  gap = statistics.mean(a) - statistics.mean(b)
+  if len(a) < 2 or len(b) < 2:
+    return gap, math.nan, (f"{name_a} − {name_b} = {gap:+.3f} from a single seed: no claim "
+                           "(fewer than 2 seeds)")
+  se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+  if abs(gap) > 2 * se:
+    better, worse = (name_a, name_b) if gap < 0 else (name_b, name_a)
+    return gap, se, f"{better} beats {worse} ({name_a} − {name_b} = {gap:+.3f} ± {se:.3f} SE)"
+  return gap, se, (f"no difference detected at this budget between {name_a} and {name_b} "
+                   f"({name_a} − {name_b} = {gap:+.3f} ± {se:.3f} SE, within 2 SE)")
+
+
+def recipe_lines(cfg: ExperimentConfig, steps_per_epoch: int | None) -> list[str]:
+  """The whole training recipe of `cfg` as Markdown bullets, read from the config."""
+  m, d, t, r = cfg.model, cfg.data, cfg.train, cfg.recipe
+  steps = (f"{t.epochs} epochs x {steps_per_epoch} steps = {t.epochs * steps_per_epoch} steps"
+           if steps_per_epoch else f"{t.epochs} epochs")
+  options = {k: v for k, v in dataclasses.asdict(r).items() if v != getattr(type(r)(), k)}
+  return [
+      f"- Model: {m.num_layers} layers, dim {m.dim}, {m.num_heads} heads, FFN {m.ffn_dim}, "
+      f"context {m.max_len}, pre-LayerNorm blocks with a GELU MLP, one shared exit head "
+      f"(final LayerNorm + unembedding) after every layer, dropout {m.dropout}, "
+      f"tie_embeddings={m.tie_embeddings}, {m.dtype}; loss weights `{cfg.loss_weights}`, "
+      f"exit layers {list(cfg.exit_layers)}"
+      + (f"; recipe options {options}" if options else "") + ".",
+      "- Initialisation: token and position embeddings, QKV, FFN-in and unembedding matrices "
+      "normal(0.02); attention-out and FFN-out matrices normal(0.02 / sqrt(2 N)); biases 0, "
+      "LayerNorm scale 1.",
+      f"- Optimiser: AdamW, peak lr {t.learning_rate}, b1 {t.b1}, b2 {t.b2}, weight decay "
+      f"{t.weight_decay} on weight matrices only (not biases, LayerNorm or embeddings), "
+      f"global-norm clip {t.grad_clip}; linear warm-up from 0 over {t.warmup_steps} steps, "
+      f"cosine decay to {t.min_lr_ratio} x peak at the last step.",
+      f"- Data: {d.dataset} train split `{d.train_split}` (first {d.train_chars:,} characters), "
+      f"validation `{d.val_split}` (first {d.val_chars:,}); {d.tokenizer} tokenizer fitted on "
+      f"the training text; seq {d.seq_len}, batch {d.batch_size}. Each epoch is a seeded "
+      "permutation of non-overlapping windows at a seeded offset; the seed also drives "
+      "initialisation and dropout.",
+      f"- Budget: {steps}; evaluation once per epoch on every validation character exactly "
+      "once; the checkpoint kept is the one with the best validation PPL of the deepest "
+      "supervised layer.",
+  ]
+
+
+def _row_from_json(d: dict) -> SweepRow:
+  d = dict(d)
+  if d["threshold"] == "inf":
+    d["threshold"] = math.inf
+  d["exit_fractions"] = tuple(d["exit_fractions"])
+  return SweepRow(**d)
+
+
+def _row_to_json(r: SweepRow) -> dict:
+  d = dataclasses.asdict(r)
+  if d["threshold"] is not None and math.isinf(d["threshold"]):
+    d["threshold"] = "inf"
+  return d
+
+
+def cached_rows(path: str, compute) -> list[SweepRow]:
+  """Sweep rows stored at `path` (JSON), computed by `compute()` the first time.
+
+  A finished run never changes, so its sweep is computed once.
+  """
+  if not os.path.exists(path):
+    rows = compute()
+    with open(path + ".tmp", "w") as f:
+      json.dump([_row_to_json(r) for r in rows], f)
+    os.replace(path + ".tmp", path)
+  return [_row_from_json(d) for d in read_json(path)]

@@ -1,0 +1,403 @@
+"""The depth regime (issue 13): does early exit beat static depth where depth pays?
+
+Trains (or resumes, or reuses) on experiments/configs/depth.py (8 layers, dim 64,
+4 epochs of 1,280,000 characters), for each seed in order: the early-exit model
+(exit at layer 4, loss weights {4: 0.5, 8: 0.5}) and the static 4- and 8-layer models;
+then the early-exit model with the recipe study's best recipe (self-distillation) for
+every seed. Sweeps each early-exit model under both KV policies and writes RESULTS.md,
+seeds.csv, points.csv and depth_regime.png beside this file. Every run is resumable;
+--report_only trains nothing and reports the runs finished so far.
+
+Run from the repository root (about 25 minutes a seed on a 2-core CPU when it is not
+shared; experiments/queue.sh runs the same trainings in the background):
+  DEEPEXIT_DATA_DIR=../shared/data python experiments/depth_regime/run.py
+  DEEPEXIT_DATA_DIR=../shared/data python experiments/depth_regime/run.py --report_only
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import statistics
+import sys
+
+import numpy as np
+from absl import app, flags
+
+from deepexit_jax import cli, report, sweep
+from deepexit_jax.config import ExperimentConfig, load_config_file
+from deepexit_jax.sweep import SweepRow, pareto_front
+from deepexit_jax.train import read_eval_records
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import common  # noqa: E402
+
+CONFIG = os.path.join(HERE, "..", "configs", "depth.py")
+THRESHOLDS = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0],
+                      np.float32)
+POLICIES = ("oracle", "copy")
+EARLY_EXIT = ("early_exit", "early_exit_kd")
+STATIC = ("static4", "static8")
+LABELS = {"early_exit": "early exit {4: 0.5, 8: 0.5}",
+          "early_exit_kd": "early exit + self-distillation (FREE, kd 0.5)",
+          "static4": "static 4-layer", "static8": "static 8-layer"}
+LEVELS = (0.6, 0.7, 0.8, 0.9, 1.0)  # compute levels besides the static 4-layer model's
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/depth_regime", "Where the runs go.")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Training seeds of every model.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Train nothing; report finished runs.")
+_KD = flags.DEFINE_bool("kd", True, "Also train the self-distillation early-exit models.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  model: str  # a depth.py model name
+  seed: int
+
+  @property
+  def workdir(self) -> str:
+    return os.path.join(_WORKDIR.value, f"{self.model}_s{self.seed}")
+
+  def config(self) -> ExperimentConfig:
+    c = load_config_file(CONFIG, self.model)
+    c.train.seed = self.seed
+    return ExperimentConfig.from_dict(c)
+
+  def finished(self) -> bool:
+    return common.finished(self.config(), self.workdir)
+
+
+def planned_runs() -> list[Run]:
+  """In order of value: a whole seed (early exit + both statics) at a time, then the recipe."""
+  runs = [Run(m, s) for s in range(_SEEDS.value) for m in ("early_exit", *STATIC)]
+  if _KD.value:
+    runs += [Run("early_exit_kd", s) for s in range(_SEEDS.value)]
+  return runs
+
+
+# Sweeps, cached in each run's workdir (a finished run never changes).
+
+
+def sweep_rows(run: Run) -> list[SweepRow]:
+  """An early-exit run: full depth and every threshold under both KV policies."""
+  def compute():
+    res = sweep.run_sweep(run.workdir, THRESHOLDS, kv_policies=POLICIES)
+    return [r for r in res.rows if r.kind in ("full", "threshold")]
+  return common.cached_rows(os.path.join(run.workdir, "depth_sweep.json"), compute)
+
+
+def static_row(run: Run, costed_by: Run) -> SweepRow:
+  """A static run's PPL, costed in the 8-layer early-exit model's FLOPs (any seed's)."""
+  def compute():
+    res = sweep.run_sweep(costed_by.workdir, np.zeros(1, np.float32), kv_policies=("oracle",),
+                          static_dirs=[run.workdir])
+    return [r for r in res.rows if r.kind == "static"]
+  return common.cached_rows(os.path.join(run.workdir, "static_row.json"), compute)[0]
+
+
+# Frontier arithmetic.
+
+
+def front(rows: list[SweepRow], policy: str) -> list[SweepRow]:
+  """Pareto front of one KV policy's thresholds and full depth (no point above 100% FLOPs)."""
+  return pareto_front([r for r in rows if r.kind == "full" or (
+      r.kv_policy == policy and math.isfinite(r.threshold) and r.flops_fraction <= 1.0)])
+
+
+def best_at(points: list[SweepRow], flops: float) -> float:
+  """Lowest PPL among points costing at most `flops` (0.1% slack for float32 sums)."""
+  ok = [r.ppl for r in points if r.flops_fraction <= flops * (1 + 1e-3)]
+  return min(ok) if ok else math.inf
+
+
+def all_at_exit(rows: list[SweepRow]) -> SweepRow:
+  """Threshold 0: every token leaves at the exit layer (softmax confidence is >= 0)."""
+  return next(r for r in rows if r.kind == "threshold" and r.kv_policy == "oracle"
+              and r.threshold == 0.0)
+
+
+@dataclasses.dataclass
+class Level:
+  """One compute level: each model family's front PPL there, one value per finished seed."""
+
+  flops: float
+  static: list[float]
+  early: dict[str, dict[str, list[float]]]  # model -> policy -> per-seed PPL
+
+
+def levels(sweeps: dict[Run, list[SweepRow]], statics: dict[Run, SweepRow]) -> list[Level]:
+  s4 = next((r.flops_fraction for run, r in statics.items() if run.model == "static4"), None)
+  if s4 is None:
+    return []
+  seeds = sorted({run.seed for run in statics})
+  out = []
+  for c in (s4, *LEVELS):
+    static = [best_at([r for run, r in statics.items() if run.seed == s], c) for s in seeds]
+    early = {m: {p: [best_at(front(rows, p), c) for run, rows in sorted(
+        sweeps.items(), key=lambda kv: kv[0].seed) if run.model == m] for p in POLICIES}
+        for m in EARLY_EXIT}
+    out.append(Level(c, [x for x in static if math.isfinite(x)], early))
+  return out
+
+
+# Report.
+
+
+def _pct(x: float) -> str:
+  return f"{100 * x:.1f}%"
+
+
+def _cmp_cell(a: list[float], b: list[float]) -> str:
+  a = [x for x in a if math.isfinite(x)]
+  if not a:
+    return "no point at this compute"
+  if not b:
+    return "no static point"
+  gap, se, _ = common.compare("A", a, "B", b)
+  if math.isnan(se):
+    return f"{gap:+.3f} (1 seed)"
+  verdict = ("**below**" if gap < -2 * se else "above" if gap > 2 * se else "no difference")
+  return f"{gap:+.3f} ± {se:.3f}: {verdict}"
+
+
+def plot(lv: list[Level], sweeps, statics, path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+  colors = {"early_exit": "tab:blue", "early_exit_kd": "tab:orange"}
+  for ax, p in zip(axes, POLICIES, strict=True):
+    for run, rows in sweeps.items():
+      f = sorted(front(rows, p), key=lambda r: r.flops_fraction)
+      ax.plot([100 * r.flops_fraction for r in f], [r.ppl for r in f], "-", lw=0.8,
+              alpha=0.35, color=colors[run.model])
+    for m in EARLY_EXIT:
+      pts = [(100 * v.flops, v.early[m][p]) for v in lv
+             if [x for x in v.early[m][p] if math.isfinite(x)]]
+      if pts:
+        ys = [[x for x in y if math.isfinite(x)] for _, y in pts]
+        ax.errorbar([x for x, _ in pts], [statistics.mean(y) for y in ys],
+                    yerr=[statistics.stdev(y) if len(y) > 1 else 0 for y in ys], fmt="o-",
+                    capsize=3, color=colors[m], label=f"{LABELS[m]} front (mean ± std)")
+    pts = [(100 * v.flops, v.static) for v in lv if v.static]
+    ax.errorbar([x for x, _ in pts], [statistics.mean(y) for _, y in pts],
+                yerr=[statistics.stdev(y) if len(y) > 1 else 0 for _, y in pts], fmt="ks--",
+                capsize=3, label="static front (4- / 8-layer, mean ± std)")
+    for m in STATIC:
+      xs = [(100 * r.flops_fraction, r.ppl) for run, r in statics.items() if run.model == m]
+      ax.plot([x for x, _ in xs], [y for _, y in xs], "k.", alpha=0.4)
+    ax.set_title(f"KV policy {p}")
+    ax.set_xlabel("FLOPs / full-depth FLOPs of the 8-layer model (%)")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("validation PPL (char-level, 50k chars)")
+  axes[0].legend(fontsize=8)
+  fig.suptitle("Depth regime: early-exit fronts vs static depth (thin lines: single seeds)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  runs = planned_runs()
+  done = [r for r in runs if common.ensure_trained(r.config(), r.workdir,
+                                                   train_missing=not _REPORT_ONLY.value)]
+  missing = [r for r in runs if r not in done]
+  ee_done = [r for r in done if r.model in EARLY_EXIT]
+  if not ee_done:
+    raise SystemExit("no early-exit run has finished yet: nothing to report")
+  sweeps = {r: sweep_rows(r) for r in ee_done}
+  statics = {r: static_row(r, ee_done[0]) for r in done if r.model in STATIC}
+  lv = levels(sweeps, statics)
+  write_seeds_csv(sweeps, statics, os.path.join(HERE, "seeds.csv"))
+  write_points_csv(sweeps, statics, os.path.join(HERE, "points.csv"))
+  plot(lv, sweeps, statics, os.path.join(HERE, "depth_regime.png"))
+  write_results(done, missing, sweeps, statics, lv)
+  print(open(os.path.join(HERE, "RESULTS.md")).read())
+
+
+def seed_ppl(sweeps, statics) -> dict[str, list[tuple[int, float]]]:
+  """model name (as in seeds.csv) -> [(seed, PPL)]."""
+  out: dict[str, list[tuple[int, float]]] = {}
+  for run, rows in sorted(sweeps.items(), key=lambda kv: (kv[0].model, kv[0].seed)):
+    full = next(r for r in rows if r.kind == "full")
+    out.setdefault(f"{run.model}_full", []).append((run.seed, full.ppl))
+    out.setdefault(f"{run.model}_all_at_4", []).append((run.seed, all_at_exit(rows).ppl))
+  for run, r in sorted(statics.items(), key=lambda kv: (kv[0].model, kv[0].seed)):
+    out.setdefault(f"static_{run.model[6:]}", []).append((run.seed, r.ppl))
+  return out
+
+
+def write_seeds_csv(sweeps, statics, path: str) -> None:
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["model", "seed", "ppl"])
+    for model, vals in seed_ppl(sweeps, statics).items():
+      for seed, ppl in vals:
+        w.writerow([model, seed, f"{ppl:.4f}"])
+
+
+def write_points_csv(sweeps, statics, path: str) -> None:
+  fields = ["model", "seed", "kind", "kv_policy", "threshold", "ppl", "shallow_exit",
+            "layers_fraction", "flops_fraction"]
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=fields)
+    w.writeheader()
+    items = [(run, r) for run, rows in sweeps.items() for r in rows] + list(statics.items())
+    for run, r in sorted(items, key=lambda x: (x[0].model, x[0].seed)):
+      w.writerow({"model": run.model, "seed": run.seed, "kind": r.kind,
+                  "kv_policy": r.kv_policy,
+                  "threshold": "" if r.threshold is None else r.threshold,
+                  "ppl": f"{r.ppl:.4f}", "shallow_exit": f"{r.shallow_exit:.4f}",
+                  "layers_fraction": f"{r.layers_fraction:.4f}",
+                  "flops_fraction": f"{r.flops_fraction:.4f}"})
+
+
+def write_results(done, missing, sweeps, statics, lv) -> None:
+  """RESULTS.md: every number in it comes from the finished runs' files."""
+  ee_cfg = Run("early_exit", 0).config()
+  first = read_eval_records(done[0].workdir)[0]
+  steps_per_epoch = round(first["step"] / first["epoch"])
+  ppl = {m: [v for _, v in vals] for m, vals in seed_ppl(sweeps, statics).items()}
+  walls = {}
+  for r in done:
+    w = common.wall_seconds(r.workdir)
+    if w is not None:
+      walls.setdefault(r.model, []).append(w / 60)
+  lines = [
+      "# Depth regime: early exit vs static depth where depth pays", "",
+      "Regenerate (trains what is missing, resumable; then sweeps, tables, chart, CSVs):", "",
+      "```bash",
+      "DEEPEXIT_DATA_DIR=../shared/data python experiments/depth_regime/run.py",
+      "# report from the runs finished so far, training nothing:",
+      "DEEPEXIT_DATA_DIR=../shared/data python experiments/depth_regime/run.py --report_only",
+      "```", "",
+      "The same trainings run in the background, one at a time at low priority, with "
+      "`nohup bash experiments/queue.sh > runs/queue.log 2>&1 &` (it also trains the "
+      "seeded reference-size runs of experiments/threshold_sweep).", "",
+      "## Setup", "",
+      "- **Training text is the WikiText-2 *test* split**: its first 1,280,000 characters "
+      "(`wiki.test.raw`), because the full train split is not available offline "
+      "(`wiki.train.raw.prefix` holds only ~659 KB). Validation stays the first 50,000 "
+      "characters of `wiki.valid.raw`. PPL is per character; every validation character "
+      "is predicted once. Numbers here are not comparable with WikiText-2 results that "
+      "train on the train split and test on the test split.",
+      *common.recipe_lines(ee_cfg, steps_per_epoch),
+      "- Static baselines `static_4` and `static_8`: the same model with 4 and 8 layers, "
+      "final-layer loss only, same data, budget, recipe and seeds. The self-distillation "
+      "variant adds the recipe study's best recipe (experiments/recipes/RESULTS.md: FREE "
+      "self-distillation, kd_weight 0.5, temperature 1) to the same loss weights {4: 0.5, "
+      "8: 0.5}, so it differs from the base early-exit model in that one option.",
+      f"- Sweeps: softmax-confidence thresholds {', '.join(f'{x:g}' for x in THRESHOLDS)} "
+      "at layer 4, under both KV policies (`oracle`: deeper layers see exited tokens' "
+      "full-depth states; `copy`: an exited token's layer-4 state is copied upward and "
+      "its skipped layers' K/V are paid for). FLOPs count the exit-head check "
+      "(BUILD_NOTES.md). A front is the Pareto front of the thresholds and full depth; "
+      "threshold 0 sends every token out at layer 4 (`early_exit_all_at_4`).",
+      "- Statistics: mean ± standard deviation over seeds (the seed drives "
+      "initialisation, data order and dropout). A model is said to beat another only "
+      "where the mean gap exceeds twice its standard error, SE = sqrt(var_a/n_a + "
+      "var_b/n_b) (seeds of different models treated as independent); otherwise "
+      "\"no difference detected at this budget\".", "",
+  ]
+  if missing:
+    lines += ["**Incomplete**: not yet trained: " + ", ".join(
+        f"{LABELS[r.model]} seed {r.seed}" for r in missing) + ". Every figure below is over "
+        "the seeds finished so far.", ""]
+  lines += ["## Runs", "",
+            "| model | seeds finished | training wall time per run (min, 2-core CPU "
+            "shared with other jobs) |", "|---|---|---|"]
+  for m in (*EARLY_EXIT, *STATIC):
+    seeds = [r.seed for r in done if r.model == m]
+    if seeds:
+      w = walls.get(m, [])
+      lines.append(f"| {LABELS[m]} | {', '.join(map(str, seeds))} | "
+                   + (", ".join(f"{x:.1f}" for x in w) if w else "not recorded") + " |")
+  lines += ["", "## Validation PPL over seeds", "",
+            "| model | seeds | val PPL (mean ± std) | FLOPs % of 8-layer (oracle KV) |",
+            "|---|---|---|---|"]
+  flops = {}
+  for run, rows in sweeps.items():
+    flops[f"{run.model}_full"] = 1.0
+    flops[f"{run.model}_all_at_4"] = all_at_exit(rows).flops_fraction
+  for run, r in statics.items():
+    flops[f"static_{run.model[6:]}"] = r.flops_fraction
+  for m, vals in ppl.items():
+    lines.append(f"| `{m}` | {len(vals)} | {common.mean_std(vals)} | {_pct(flops[m])} |")
+  lines += ["", "Every seed's value: `seeds.csv`; every sweep point of every seed: "
+            "`points.csv`.", "", "Pairwise, by the 2-SE rule:", ""]
+  pairs = [("static_8", "static_4"), ("early_exit_full", "static_8"),
+           ("early_exit_all_at_4", "static_4"), ("early_exit_kd_full", "static_8"),
+           ("early_exit_kd_all_at_4", "static_4"), ("early_exit_kd_full", "early_exit_full"),
+           ("early_exit_kd_all_at_4", "early_exit_all_at_4")]
+  for a, b in pairs:
+    if ppl.get(a) and ppl.get(b):
+      lines.append("- " + common.compare(f"`{a}`", ppl[a], f"`{b}`", ppl[b])[2] + ".")
+  lines += ["", "## Where the early-exit front sits against the static front", "",
+            "At each compute level: the best early-exit front PPL costing no more, minus the "
+            "best static model costing no more (static front: the 4-layer model until the "
+            "8-layer one becomes affordable), mean gap ± SE over seeds; **below** = the "
+            "early-exit front is lower by more than 2 SE.", "",
+            "| FLOPs % | static front PPL | " + " | ".join(
+                f"{LABELS[m]} {p}: front PPL | gap vs static" for m in EARLY_EXIT
+                for p in POLICIES) + " |", "|---|---|" + "---|---|" * 4]
+  for v in lv:
+    cells = []
+    for m in EARLY_EXIT:
+      for p in POLICIES:
+        e = [x for x in v.early[m][p] if math.isfinite(x)]
+        cells += [common.mean_std(e) if e else "—", _cmp_cell(v.early[m][p], v.static)
+                  if v.early[m][p] else "—"]
+    lines.append(f"| {_pct(v.flops)} | {common.mean_std(v.static)} | " + " | ".join(cells)
+                 + " |")
+  lines += ["", "![fronts with error bars](depth_regime.png)", "", "## Answer", ""]
+  lines += answer(lv)
+  seed0 = next((r for r in sweeps if r.model == "early_exit" and r.seed == 0), None)
+  if seed0:
+    lines += ["", "## Sweep of `early_exit` seed 0 (single seed)", "",
+              "| threshold | policy | PPL | shallow exit | layers % | FLOPs % |",
+              "|---|---|---|---|---|---|"]
+    for r in sweeps[seed0]:
+      thr = "full depth" if r.kind == "full" else f"{r.threshold:g}"
+      lines.append(f"| {thr} | {r.kv_policy or '—'} | {r.ppl:.3f} | {_pct(r.shallow_exit)} | "
+                   f"{_pct(r.layers_fraction)} | {_pct(r.flops_fraction)} |")
+  report.write_results(HERE, lines)
+
+
+def answer(lv: list[Level]) -> list[str]:
+  """The question of the issue, answered from the level table."""
+  out = []
+  for m in EARLY_EXIT:
+    for p in POLICIES:
+      below, tied, above = [], [], []
+      for v in lv:
+        e = [x for x in v.early[m][p] if math.isfinite(x)]
+        if not e or not v.static:
+          continue
+        gap, se, _ = common.compare("a", e, "b", v.static)
+        if math.isnan(se):
+          tied.append(_pct(v.flops))
+        elif gap < -2 * se:
+          below.append(f"{_pct(v.flops)} ({gap:+.3f} ± {se:.3f} PPL, "
+                       f"{100 * gap / statistics.mean(v.static):+.2f}%)")
+        elif gap > 2 * se:
+          above.append(f"{_pct(v.flops)} ({gap:+.3f} ± {se:.3f})")
+        else:
+          tied.append(_pct(v.flops))
+      if not (below or tied or above):
+        continue
+      out.append(f"- {LABELS[m]}, `{p}` KV: below the static front at "
+                 + (", ".join(below) or "no compute level")
+                 + "; no difference detected at " + (", ".join(tied) or "none")
+                 + "; above (worse) at " + (", ".join(above) or "none") + ".")
+  return out
+
+
+if __name__ == "__main__":
+  cli.quiet_library_logs()
+  app.run(main)
