@@ -538,7 +538,9 @@ def write_results(analyses, statics, groups, static_seeds, long_an, timing, miss
       f"- Model: {m.num_layers} layers, dim {m.dim}, {m.num_heads} heads, FFN {m.ffn_dim}; "
       f"{t.epochs} epochs of {d.train_chars:,} training characters (char-level WikiText-2, "
       f"seq {d.seq_len}, batch {d.batch_size}), AdamW lr {t.learning_rate}, warm-up "
-      f"{t.warmup_steps}, cosine decay — the reference budget, identical for every model; "
+      f"{t.warmup_steps}, cosine decay — our reference-size budget (the reference notes state "
+      "neither the learning rate nor the epochs; 10 epochs at this lr are this project's "
+      "choice), identical for every model; "
       "seed 0 unless stated.",
       "- Recipes (experiments/recipes/recipe.py): LayerSkip loss scales (uniform, l = CALM, "
       "sum_l, sqrt_l, inv_l, inv_sqrt_l, normalised), the reference's explicit weights, and "
