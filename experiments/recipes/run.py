@@ -37,6 +37,8 @@ from deepexit_jax.train import read_eval_records, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+import common  # noqa: E402
 from recipe import RECIPES  # noqa: E402
 
 CONFIGS = os.path.join(HERE, "..", "configs")
@@ -520,6 +522,7 @@ def write_results(analyses, statics, groups, static_seeds, long_an, timing, miss
                   best_two, long_runs) -> None:
   """RESULTS.md: every number in it comes from this run's files."""
   cfg = analyses[0].run.config()
+  first = read_eval_records(analyses[0].run.workdir())[0]
   m, d, t = cfg.model, cfg.data, cfg.train
   s4 = statics[4]
   static_front = pareto_front(list(statics.values()))
@@ -535,6 +538,10 @@ def write_results(analyses, statics, groups, static_seeds, long_an, timing, miss
       "```bash", "DEEPEXIT_DATA_DIR=../shared/data python experiments/recipes/run.py",
       "```", "",
       "## Setup", "",
+      "The whole recipe shared by every model (shown for the reference-weights run; the "
+      "recipes below change only the loss weights, exit layers and recipe options, the "
+      "static models the depth and use a final-layer loss):", "",
+      *common.recipe_lines(cfg, round(first["step"] / first["epoch"])), "",
       f"- Model: {m.num_layers} layers, dim {m.dim}, {m.num_heads} heads, FFN {m.ffn_dim}; "
       f"{t.epochs} epochs of {d.train_chars:,} training characters (char-level WikiText-2, "
       f"seq {d.seq_len}, batch {d.batch_size}), AdamW lr {t.learning_rate}, warm-up "

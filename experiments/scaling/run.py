@@ -18,6 +18,7 @@ Flags: --workdir (default runs/scaling), --epochs (default: scaling.py's 2).
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 
@@ -25,9 +26,12 @@ from deepexit_jax import cli, report, sweep
 from deepexit_jax.checkpoint import load_checkpoint
 from deepexit_jax.config import ExperimentConfig, load_config_file
 from deepexit_jax.model import count_params
-from deepexit_jax.train import train
+from deepexit_jax.train import read_eval_records, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import common  # noqa: E402
+
 CONFIGS = os.path.join(HERE, "..", "configs")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/scaling", "Where the runs go.")
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Override train.epochs of every model.")
@@ -66,7 +70,9 @@ def main(argv):
   report.write_report(results["wide"], HERE)
   params = {size: count_params(load_checkpoint(dirs[f'{size} early exit']).model)
             for size in results}
-  write_results(results, params, epochs)
+  configs = {size: _experiment(*RUNS[f"{size} early exit"][:2], epochs) for size in results}
+  first = read_eval_records(dirs["wide early exit"])[0]
+  write_results(results, params, epochs, configs, round(first["step"] / first["epoch"]))
   print(open(os.path.join(HERE, "RESULTS.md")).read())
 
 
@@ -86,7 +92,8 @@ def _within(result: sweep.SweepReport, ppl_limit: float) -> sweep.SweepRow | Non
 
 
 def write_results(results: dict[str, sweep.SweepReport], params: dict[str, int],
-                  epochs: int) -> None:
+                  epochs: int, configs: dict[str, ExperimentConfig],
+                  steps_per_epoch: int) -> None:
   """RESULTS.md: every number comes from this run's sweeps."""
   lines = [
       "# Scaling: a dim-256 early-exit model beside the reference-size one", "",
@@ -98,6 +105,12 @@ def write_results(results: dict[str, sweep.SweepReport], params: dict[str, int],
       "the same width trained alone (final-layer loss) with the same budget and seed. "
       "PPL is per character on the validation text, FLOPs as a fraction of the "
       "full-depth model's (exit heads and checks included).", "",
+      "**Not a clean size comparison**: the two sizes differ in learning rate and loss "
+      "weights as well as width (below), and each model is one training seed.", "",
+      *[line for size, cfg in configs.items() for line in (
+          f"The whole recipe of the {size} early-exit model (its static models: the same "
+          "with their depth and a final-layer loss):", "",
+          *common.recipe_lines(cfg, steps_per_epoch), "")],
       "| model | params | full depth PPL | every token at layer 2 (PPL, FLOPs) | "
       "static 2-layer (PPL, FLOPs) | static 4-layer PPL | cheapest setting <= static "
       "4-layer PPL + 0.5% |",
