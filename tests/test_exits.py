@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import spread_model
+from conftest import random_model
 from flax import nnx
 
 from deepexit_jax import exits
@@ -22,7 +22,7 @@ N = CONFIG.num_layers
 
 @functools.cache
 def _model():
-  return spread_model(CONFIG)
+  return random_model(CONFIG)
 
 
 @functools.cache
@@ -286,46 +286,112 @@ def test_copy_all_exit_equals_truncated_model(k):
   np.testing.assert_allclose(result.logits, _layers()[0][k - 1], atol=1e-5)
 
 
-@pytest.mark.parametrize("seq_quantile, thresholds",
-                         [(1.0, (0.3, 0.4, 0.5, 0.6)), (0.5, (0.75, 0.85, 0.9, 0.95))])
-def test_sequence_routing(seq_quantile, thresholds):
+def _row_statistic(conf_NBT, seq_quantile):
+  """Per layer and row, the ceil(q T)-th largest confidence: a row clears a threshold at
+  a layer exactly when this statistic does."""
+  need = math.ceil(seq_quantile * conf_NBT.shape[-1])
+  return -np.sort(-conf_NBT, -1)[..., need - 1]
+
+
+def _gap_thresholds(values, count, gap=1e-4):
+  """`count` thresholds midway between sorted `values` that are at least `gap` apart."""
+  values = np.unique(np.ravel(values))
+  mids = [(a + b) / 2 for a, b in zip(values, values[1:]) if b - a > gap]
+  picks = np.linspace(0, len(mids) - 1, count + 2)[1:-1].round().astype(int)
+  return np.asarray([mids[i] for i in picks], np.float32)
+
+
+@pytest.mark.parametrize("kv_policy", ["oracle", "copy"])
+@pytest.mark.parametrize("seq_quantile", [1.0, 0.5])
+def test_sequence_routing_chooses_the_first_layer_where_enough_tokens_are_confident(
+    kv_policy, seq_quantile):
+  """Each row exits at the first exit layer where ceil(q T) of its tokens are confident,
+  with that layer's logits. Under `copy` a row that has not exited copied nothing, so its
+  confidences and logits are the full forward pass's too."""
   exit_layers = (1, 2, 3)
   conf_NBT = _np_conf_NBT("softmax")
-  thresholds = np.asarray(thresholds, np.float32)
-  result = exits.predict_with_exit(_model(), _tokens(), thresholds, **{
-      **SEQUENCE, "seq_quantile": seq_quantile})
-  need = math.ceil(seq_quantile * conf_NBT.shape[-1])
-  for s, thr in enumerate(thresholds):
-    layer_BT = np.asarray(result.exit_layer[s])
-    assert np.all(layer_BT == layer_BT[:, :1])  # one exit layer per row
-    for row in range(layer_BT.shape[0]):
-      ok = [np.sum(conf_NBT[k - 1, row] >= thr) >= need for k in exit_layers]
-      if seq_quantile == 1.0:  # "all tokens confident" is "the least confident one is"
-        assert ok == [conf_NBT[k - 1, row].min() >= thr for k in exit_layers]
-      expected = exit_layers[ok.index(True)] if any(ok) else N
-      assert layer_BT[row, 0] == expected
-  assert len(np.unique(result.exit_layer)) > 1
-
-
-def test_sequence_routing_copy_is_per_row():
-  result = exits.predict_with_exit(_model(), _tokens(), EDGES, exit_layers=(1, 2),
-                                   kv_policy="copy", routing="sequence")
-  layer_SBT = np.asarray(result.exit_layer)
-  assert np.all(layer_SBT == layer_SBT[..., :1])
-  assert len(np.unique(layer_SBT)) > 1
-
-
-def test_threshold_decay():
-  conf_NBT = _np_conf_NBT("softmax")
   logits_NBTV = _layers()[0]
-  thr, decay, t_len = 0.8, 1.5, conf_NBT.shape[-1]
-  result = exits.predict_with_exit(_model(), _tokens(), thr, exit_layers=(1, 2),
-                                   threshold_decay=decay)
-  thr_T = thr * np.exp(-decay * np.arange(t_len) / t_len)
-  exit_layer, _, _ = _np_select(conf_NBT, logits_NBTV, thr, (1, 2), thr_T=thr_T)
-  np.testing.assert_array_equal(result.exit_layer, exit_layer)
-  constant, _, _ = _np_select(conf_NBT, logits_NBTV, thr, (1, 2))
-  assert np.mean(exit_layer) < np.mean(constant)  # the decay matters here
+  stat_LB = _row_statistic(conf_NBT[:3], seq_quantile)
+  thresholds = _gap_thresholds(stat_LB, 4)
+  result = exits.predict_with_exit(_model(), _tokens(), thresholds, exit_layers=exit_layers,
+                                   kv_policy=kv_policy, routing="sequence",
+                                   seq_quantile=seq_quantile)
+  for s, thr in enumerate(thresholds):
+    ok_LB = stat_LB >= thr
+    expected_B = np.where(ok_LB.any(0), np.asarray(exit_layers)[np.argmax(ok_LB, 0)], N)
+    np.testing.assert_array_equal(result.exit_layer[s], np.broadcast_to(
+        expected_B[:, None], (3, 12)))
+    expected_logits = logits_NBTV[expected_B - 1, np.arange(3)]
+    np.testing.assert_allclose(result.logits[s], expected_logits, atol=1e-4)
+  layers = np.asarray(result.exit_layer)[:, :, 0]
+  assert len(np.unique(layers)) >= 3  # several layers chosen ...
+  assert any(len(np.unique(row)) > 1 for row in layers)  # ... and rows differ
+
+
+@pytest.mark.parametrize("kv_policy", ["oracle", "copy"])
+@pytest.mark.parametrize("measure", ["softmax", "margin", "entropy", "state"])
+def test_threshold_equal_to_a_confidence_exits_there(measure, kv_policy):
+  """`>=`: a threshold set exactly to a token's computed confidence makes it exit."""
+  kwargs = dict(exit_layers=(2,), measure=measure, kv_policy=kv_policy)
+  never = exits.predict_with_exit(_model(), _tokens(), np.full(3, np.inf, np.float32),
+                                  **kwargs)
+  conf_BT = np.asarray(never.confidence[0])  # float32, at layer 2, for every token
+  assert np.all(np.isfinite(conf_BT)) and np.all(np.asarray(never.exit_layer) == N)
+  candidates = conf_BT[conf_BT > 0] if measure == "state" else conf_BT.ravel()
+  thresholds = np.quantile(candidates, [0.2, 0.5, 0.8], method="nearest").astype(np.float32)
+  result = exits.predict_with_exit(_model(), _tokens(), thresholds, **kwargs)
+  for s, thr in enumerate(thresholds):
+    assert (conf_BT == thr).any()
+    np.testing.assert_array_equal(result.exit_layer[s], np.where(conf_BT >= thr, 2, N))
+    np.testing.assert_array_equal(np.asarray(result.confidence[s]), conf_BT)
+
+
+def test_sequence_routing_counts_a_tie_as_confident():
+  """Sequence routing uses the same >= rule: a threshold equal to a row's ceil(q T)-th
+  largest confidence lets that row exit."""
+  kwargs = dict(exit_layers=(2,), routing="sequence", seq_quantile=0.5)
+  never = exits.predict_with_exit(_model(), _tokens(), np.full(3, np.inf, np.float32),
+                                  **kwargs)
+  conf_BT = np.asarray(never.confidence[0])
+  need = math.ceil(0.5 * conf_BT.shape[-1])
+  thresholds = np.sort(-np.sort(-conf_BT, -1)[:, need - 1]).astype(np.float32)
+  result = exits.predict_with_exit(_model(), _tokens(), thresholds, **kwargs)
+  for s, thr in enumerate(thresholds):
+    enough_B = (conf_BT >= thr).sum(-1) >= need
+    np.testing.assert_array_equal(result.exit_layer[s, :, 0], np.where(enough_B, 2, N))
+    assert enough_B.sum() >= 3 - s  # the row whose statistic is the threshold exits
+
+
+@pytest.mark.parametrize("measure, kv_policy", [
+    ("softmax", "oracle"), ("entropy", "oracle"), ("entropy", "copy"), ("margin", "copy")])
+def test_threshold_decay(measure, kv_policy):
+  """lambda_t = lambda exp(-tau t / T) for lambda >= 0, lambda exp(+tau t / T) for
+  lambda < 0 (entropy): either way later tokens exit more easily."""
+  exit_layers, decay, t_len = (1, 2), 1.5, 12
+  conf_NBT = _np_conf_NBT(measure)
+  logits_NBTV = _layers()[0]
+  sign = -1.0 if measure == "entropy" else 1.0
+  factor_T = np.exp(-sign * decay * np.arange(t_len) / t_len)
+  # A threshold near the median, moved until no token sits within 1e-4 of its lambda_t.
+  base = float(np.median(conf_NBT[:2]))
+  for thr in base + 0.01 * np.arange(20):
+    thr_T = thr * factor_T
+    if np.abs(conf_NBT[:2] - thr_T).min() > 1e-4:
+      break
+  result = exits.predict_with_exit(_model(), _tokens(), np.float32(thr),
+                                   exit_layers=exit_layers, measure=measure,
+                                   kv_policy=kv_policy, threshold_decay=decay)
+  constant, _, _ = _np_select(conf_NBT, logits_NBTV, thr, exit_layers)
+  if kv_policy == "oracle":
+    expected, _, _ = _np_select(conf_NBT, logits_NBTV, thr, exit_layers, thr_T=thr_T)
+    np.testing.assert_array_equal(result.exit_layer, expected)
+  else:  # copy: only layer 1's decision is the full pass's; it must follow lambda_t.
+    np.testing.assert_array_equal(np.asarray(result.exit_layer) == 1, conf_NBT[0] >= thr_T)
+    expected = np.asarray(result.exit_layer)
+  assert np.mean(expected) < np.mean(constant)  # the decay matters here
+  # An inverted decay (stricter later) would pick other layers.
+  inverted, _, _ = _np_select(conf_NBT, logits_NBTV, thr, exit_layers, thr_T=thr / factor_T)
+  assert not np.array_equal(inverted, np.asarray(result.exit_layer))
 
 
 @pytest.mark.parametrize("kwargs", [ORACLE, COPY], ids=["oracle", "copy"])
