@@ -7,7 +7,9 @@ holds) looks like:
   tokenizer.json   the tokenizer the model was trained with (if given)
   config.json      the full experiment config (training runs only)
   best/<step>/     orbax: parameters of the best model, with its metrics
-  latest/<step>/   orbax: parameters + optimizer state + step, for --resume
+  latest/<step>/   orbax: parameters + optimizer state + step, for --resume (saved at
+                   evaluations, every train.checkpoint_every steps and at the end)
+  metrics.jsonl, events.out.tfevents.*   training runs: metrics, also for TensorBoard
 
 Orbax writes each step to a temporary directory and renames it when complete,
 so a killed run leaves the previous checkpoint intact.

@@ -35,6 +35,9 @@ class TrainConfig:
     eval_every: evaluate on the validation text every this many steps; 0 means
       once per epoch (and always at the end).
     log_every: print a progress line every this many steps.
+    checkpoint_every: also save the resumable state (workdir/latest) every this
+      many steps, so a killed run loses at most this many; 0 saves it only at
+      evaluations and at the end.
     num_devices: data-parallel devices (a ("data",) mesh; batches split over
       them, parameters replicated); 0 = every device of every host. The batch
       size must be divisible by it.
@@ -52,6 +55,7 @@ class TrainConfig:
   seed: int = 0
   eval_every: int = 0
   log_every: int = 50
+  checkpoint_every: int = 0
   num_devices: int = 0
 
   def __post_init__(self):
@@ -61,6 +65,7 @@ class TrainConfig:
     _check_int("train.warmup_steps", self.warmup_steps, 0)
     _check_int("train.eval_every", self.eval_every, 0)
     _check_int("train.log_every", self.log_every, 1)
+    _check_int("train.checkpoint_every", self.checkpoint_every, 0)
     _check_int("train.num_devices", self.num_devices, 0)
     _check_int("train.seed", self.seed, 0)
     _check_float("train.learning_rate", self.learning_rate, 0.0, math.inf, low_open=True)

@@ -9,6 +9,7 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -25,6 +26,8 @@ import orbax.checkpoint as ocp
 from absl import flags, logging
 from flax import nnx
 from ml_collections import config_flags
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2, summary_pb2
 
 from deepexit_jax import checkpoint, cli, data, losses, parallel, tokenizers, xla_options
 from deepexit_jax.config import ExperimentConfig, TrainConfig
@@ -36,7 +39,8 @@ METRICS_JSONL = "metrics.jsonl"
 
 
 class TrainingDiverged(UserError):
-  """The loss became NaN or infinite; the last good checkpoint is kept."""
+  """The loss or the training state became NaN or infinite; the last good checkpoint, if
+  one was saved, is kept."""
 
 
 @flax.struct.dataclass
@@ -69,13 +73,21 @@ class TrainResult:
   steps: int
 
 
-def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear warm-up, cosine decay and global-norm gradient clipping."""
+def learning_rate_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0, then cosine decay to learning_rate * min_lr_ratio.
+
+  `schedule(k)` is the rate of the (k+1)-th optimiser update (the first has rate 0).
+  """
   warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
+  return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1),
       end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with linear warm-up, cosine decay and global-norm gradient clipping."""
+  schedule = learning_rate_schedule(cfg, total_steps)
 
   def decay_mask(params):
     # Decay weight matrices only; biases, LayerNorm and embeddings are left alone.
@@ -201,6 +213,7 @@ class Trainer:
     model = create_model(config.model, seed=config.train.seed)
     self.graphdef, params = nnx.split(model)
     self.tx = make_optimizer(config.train, total_steps)
+    self.schedule = learning_rate_schedule(config.train, total_steps)
     self.mesh = parallel.data_mesh(config.train.num_devices)
     parallel.check_batch_size(self.mesh, config.data.batch_size)
     self.initial_state = parallel.replicate(
@@ -217,6 +230,7 @@ class Trainer:
     self.train_step = xla_options.jit(self._train_step, donate_argnums=0)
     self.report_step = xla_options.jit(self._report_step)
     self.eval_step = xla_options.jit(self._eval_step)
+    self.is_finite = jax.jit(_all_finite)
 
   def _randomness(self, step: jax.Array, batch: int) -> tuple[jax.Array | None, jax.Array | None]:
     """The dropout key and layer-dropout mask of training step `step` (None when off)."""
@@ -306,6 +320,12 @@ class Trainer:
     return nnx.merge(self.graphdef, params)
 
 
+def _all_finite(tree: Any) -> jax.Array:
+  """True when no floating-point array of `tree` holds a NaN or infinity."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def selection_layer(config: ExperimentConfig) -> int:
   """1-based layer whose validation PPL picks the best checkpoint.
 
@@ -320,12 +340,19 @@ def _format_ppl(layer_ppl: Sequence[float]) -> str:
   return " ".join(f"L{i + 1} {p:.2f}" for i, p in enumerate(layer_ppl))
 
 
-def _diverged(what: str, value: float, step: int, latest: ocp.CheckpointManager,
+def _diverged(what: str, step: int, latest: ocp.CheckpointManager,
               latest_dir: str) -> TrainingDiverged:
+  """The error for `what` ("loss became nan") at `step`, naming the checkpoint to resume."""
+  fix = "lower train.learning_rate or raise train.warmup_steps"
+  kept = latest.latest_step()
+  if kept is None:
+    return TrainingDiverged(
+        f"{what} at step {step}, before any checkpoint was saved (the first is saved at "
+        f"the first evaluation or train.checkpoint_every): nothing to resume; {fix}, then "
+        "train again")
   return TrainingDiverged(
-      f"{what} became {value} at step {step}; kept the last good checkpoint (step "
-      f"{latest.latest_step()}) in {latest_dir}: lower train.learning_rate or raise "
-      "train.warmup_steps, then --resume")
+      f"{what} at step {step}; kept the last good checkpoint (step {kept}) in "
+      f"{latest_dir}: {fix}, then --resume")
 
 
 def read_eval_records(workdir: str) -> list[dict[str, Any]]:
@@ -339,11 +366,82 @@ def read_eval_records(workdir: str) -> list[dict[str, Any]]:
   return [by_step[s] for s in sorted(by_step)]
 
 
-def _append_jsonl(path: str, record: dict[str, Any]) -> None:
-  if not parallel.is_primary():  # One metrics file, however many hosts.
-    return
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
+def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
+  """The TensorBoard scalars of one metrics.jsonl record, by tag.
+
+  Tags: `train/` or `val/` (evaluations), then `loss`, `ppl/layer_<l>` (1-based) and,
+  for training records, `learning_rate` and `tokens_per_s`.
+  """
+  prefix = {"train": "train", "eval": "val"}[record["kind"]]
+  scalars = {f"{prefix}/loss": record["loss"]}
+  scalars.update({f"{prefix}/ppl/layer_{i + 1}": p for i, p in enumerate(record["layer_ppl"])})
+  scalars.update({f"{prefix}/{k}": record[k] for k in ("learning_rate", "tokens_per_s")
+                  if k in record})
+  return scalars
+
+
+_EVENT_FILES = itertools.count()
+
+
+def _record_step(line: str) -> float:
+  """The step of a metrics.jsonl line; inf for a line a kill cut short (or a blank one)."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    return math.inf
+
+
+class MetricsLog:
+  """A run's metrics.jsonl and TensorBoard event files, written by process 0 only.
+
+  Opening it drops the records after `start_step` from metrics.jsonl (a resumed run
+  logs those steps again) and starts a new event file with TensorBoard's restart
+  marker (a `SessionLog.START` at `start_step`), which hides what older files logged
+  from that step on. Every record is flushed when written, so what a checkpoint
+  precedes is on disk if the process is killed.
+  """
+
+  def __init__(self, workdir: str, start_step: int):
+    self.path = os.path.join(workdir, METRICS_JSONL)
+    self._events = None
+    if not parallel.is_primary():  # One metrics file, however many hosts.
+      return
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for line in f if _record_step(line) <= start_step]
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)
+    # tensorboardX's synchronous writer: SummaryWriter queues events for a thread and
+    # its flush() does not wait for the queue, so a kill could lose logged records.
+    # The suffix keeps two writers started in the same second apart (file names hold
+    # whole seconds).
+    self._events = EventsWriter(os.path.join(workdir, "events"),
+                                f".{os.getpid()}.{next(_EVENT_FILES)}")
+    self._write_event(event_pb2.Event(
+        step=start_step, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+  def _write_event(self, event: event_pb2.Event) -> None:
+    event.wall_time = time.time()
+    self._events.write_event(event)
+    self._events.flush()
+
+  def write(self, record: dict[str, Any]) -> None:
+    """Appends `record` (with "kind" and "step") to metrics.jsonl and the event file."""
+    if self._events is None:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    summary = summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=tag, simple_value=value)
+        for tag, value in tensorboard_scalars(record).items()])
+    self._write_event(event_pb2.Event(step=record["step"], summary=summary))
+
+  def close(self) -> None:
+    if self._events is not None:
+      self._events.close()
+      self._events = None
 
 
 def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
@@ -353,7 +451,9 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
   Args:
     config: the experiment.
     workdir: receives config.json, tokenizer.json, model.json, metrics.jsonl,
-      best/ (best model by validation PPL) and latest/ (state for resuming).
+      TensorBoard event files (`MetricsLog`), best/ (best model by validation
+      PPL) and latest/ (state for resuming: saved at every evaluation, every
+      `train.checkpoint_every` steps and at the end).
     resume: continue from workdir/latest; the continuation equals an
       uninterrupted run (same data order, dropout keys and schedule).
     stop_at_step: stop (after checkpointing) once this step is reached, as if
@@ -407,7 +507,6 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
   checkpoint.write_json(config_path, config.to_dict())
   if parallel.is_primary():
     tokenizers.save_tokenizer(dataset.tokenizer, os.path.join(workdir, checkpoint.TOKENIZER_JSON))
-  metrics_path = os.path.join(workdir, METRICS_JSONL)
 
   trainer = Trainer(config, total_steps)
   state = trainer.initial_state
@@ -430,12 +529,19 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
                dataset.tokenizer.vocab_size, steps_per_epoch, total_steps)
 
   def save_latest(step: int) -> None:
+    # The loss is only fetched on logging steps: never let an exploded state replace
+    # the last good checkpoint.
+    if not bool(trainer.is_finite(state)):
+      raise _diverged("the parameters became non-finite", step, latest, latest_dir)
     latest.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         opt_state=ocp.args.StandardSave(state.opt_state),
         meta=ocp.args.JsonSave({"step": step, "best": best, "history": history})), force=True)
 
   step = int(state.step)
+  log = MetricsLog(workdir, start_step=step)  # Flushes every record: no close on errors.
+  saved_step = step
+  every = config.train.checkpoint_every
   tokens_per_step = config.data.seq_len * config.data.batch_size
   window_start, window_step = time.perf_counter(), step
   run_start, run_start_step = window_start, step
@@ -453,7 +559,7 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
     if is_log:
       loss = float(metrics["loss"])
       if not math.isfinite(loss):
-        raise _diverged("loss", loss, step, latest, latest_dir)
+        raise _diverged(f"loss became {loss}", step, latest, latest_dir)
       now = time.perf_counter()
       rate = (step - window_step) * tokens_per_step / max(now - window_start, 1e-9)
       eta = (end - step) * (now - run_start) / max(step - run_start_step, 1)
@@ -461,16 +567,16 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
       logging.info("step %d/%d | loss %.4f | ppl %s | %.0f tok/s | ETA %s", step, total_steps,
                    loss, _format_ppl(layer_ppl), rate, time.strftime("%H:%M:%S",
                                                                      time.gmtime(eta)))
-      _append_jsonl(metrics_path, {"kind": "train", "step": step, "loss": loss,
-                                   "layer_ppl": layer_ppl, "tokens_per_s": rate})
+      log.write({"kind": "train", "step": step, "loss": loss, "layer_ppl": layer_ppl,
+                 "learning_rate": float(trainer.schedule(step - 1)), "tokens_per_s": rate})
       window_start, window_step = time.perf_counter(), step
     if is_eval:
       record = trainer.evaluate(state.params, eval_batches)
       record.update(step=step, epoch=step / steps_per_epoch, selection_layer=sel)
       if not math.isfinite(record["loss"]):
-        raise _diverged("validation loss", record["loss"], step, latest, latest_dir)
+        raise _diverged(f"validation loss became {record['loss']}", step, latest, latest_dir)
       history.append(record)
-      _append_jsonl(metrics_path, {"kind": "eval", **record})
+      log.write({"kind": "eval", **record})
       improved = not best or record["layer_ppl"][sel - 1] < best["layer_ppl"][sel - 1]
       logging.info("eval step %d (epoch %.2f) | val ppl %s%s", step, record["epoch"],
                    _format_ppl(record["layer_ppl"]), " | best" if improved else "")
@@ -478,10 +584,14 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
         best = record
         checkpoint.save_model(trainer.model(state.params), workdir, step=step, metrics=record)
       save_latest(step)
+      saved_step = step
       window_start = time.perf_counter()  # Evaluation time is not training throughput.
-  if step == end and (not history or history[-1]["step"] != step):
-    save_latest(step)
+    if (every and step % every == 0 or step == end) and saved_step != step:
+      save_latest(step)
+      saved_step = step
+      window_start = time.perf_counter()
   latest.close()
+  log.close()
   if not best:
     raise UserError(f"training stopped at step {step} before its first evaluation: "
                     "nothing was saved as best; --resume to finish it")

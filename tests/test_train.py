@@ -1,21 +1,28 @@
 """Tests for training: learning real text, checkpoints, exact resume, bad inputs, the binary."""
 
 import dataclasses
+import glob
+import itertools
 import json
 import math
 import os
 import re
 import shutil
+import signal
+import struct
 import subprocess
 import sys
+import time
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from tensorboardX.proto import event_pb2
 
 from deepexit_jax import checkpoint, data, tokenizers
 from deepexit_jax.config import ExperimentConfig
@@ -65,6 +72,51 @@ def _eval_records(workdir: str) -> list[dict]:
   return [{k: v for k, v in r.items() if k != "kind"} for r in records if r["kind"] == "eval"]
 
 
+def _metrics(workdir: str) -> list[dict]:
+  """Every record of metrics.jsonl, in file order."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _tensorboard(workdir: str) -> dict[str, dict[int, float]]:
+  """What TensorBoard shows of the workdir's event files: {tag: {step: value}}.
+
+  Reads the TFRecord framing (length, its CRC, the Event proto, its CRC) and applies
+  TensorBoard's restart rule: a `SessionLog.START` at step s hides older values at
+  steps >= s. Files are taken in the order they were started.
+  """
+  files = []
+  for name in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    with open(name, "rb") as f:
+      raw, events, pos = f.read(), [], 0
+    while pos < len(raw):
+      (length,) = struct.unpack("<Q", raw[pos:pos + 8])
+      events.append(event_pb2.Event.FromString(raw[pos + 12:pos + 12 + length]))
+      pos += 12 + length + 4
+    files.append(events)
+  scalars: dict[str, dict[int, float]] = {}
+  for event in itertools.chain(*sorted(files, key=lambda events: events[0].wall_time)):
+    if event.session_log.status == event_pb2.SessionLog.START:
+      scalars = {tag: {s: v for s, v in by_step.items() if s < event.step}
+                 for tag, by_step in scalars.items()}
+    for value in event.summary.value:
+      scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+  return scalars
+
+
+def _expected_tensorboard(records: list[dict]) -> dict[str, dict[int, float]]:
+  """The scalars metrics.jsonl's records should appear as, at float32 precision."""
+  expected: dict[str, dict[int, float]] = {}
+  for r in records:
+    prefix = {"train": "train", "eval": "val"}[r["kind"]]
+    values = {"loss": r["loss"], **{f"ppl/layer_{i + 1}": p for i, p in enumerate(r["layer_ppl"])}}
+    if r["kind"] == "train":
+      values.update(learning_rate=r["learning_rate"], tokens_per_s=r["tokens_per_s"])
+    for name, value in values.items():
+      expected.setdefault(f"{prefix}/{name}", {})[r["step"]] = float(np.float32(value))
+  return expected
+
+
 # Learning and what a run leaves behind.
 
 
@@ -101,6 +153,23 @@ def test_training_writes_history_metrics_and_checkpoints(trained):
   step, latest_params, meta = _latest(workdir)
   assert step == STEPS and meta["step"] == STEPS and meta["history"] == result.history
   chex.assert_tree_all_finite(latest_params)
+
+
+def test_tensorboard_events_hold_the_metrics_of_metrics_jsonl(trained):
+  """`tensorboard --logdir WORKDIR` shows per-layer PPL (train and validation), the loss,
+  the learning rate and tokens/s, with the values of metrics.jsonl."""
+  config, result = trained
+  records = _metrics(result.workdir)
+  assert _tensorboard(result.workdir) == _expected_tensorboard(records)
+  assert set(_tensorboard(result.workdir)) == {
+      "train/loss", "train/learning_rate", "train/tokens_per_s", "train/ppl/layer_1",
+      "train/ppl/layer_2", "val/loss", "val/ppl/layer_1", "val/ppl/layer_2"}
+  # The rate logged at step s is the one of the update that made step s (the first is 0).
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 5, STEPS, 1e-3)
+  for r in records:
+    if r["kind"] == "train":
+      assert r["learning_rate"] == pytest.approx(float(schedule(r["step"] - 1)), rel=1e-6)
+      assert r["tokens_per_s"] > 0
 
 
 def test_load_checkpoint_returns_the_trained_model_and_tokenizer(trained):
@@ -212,6 +281,75 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(trained, tiny_config, t
                               atol=1e-6, rtol=1e-6)
 
 
+# A training run that hangs before the step after HANG_AT (the test kills it there).
+_HANGING_RUN = """
+import json, sys, time
+from deepexit_jax import data
+from deepexit_jax.config import ExperimentConfig
+from deepexit_jax.train import train
+
+batch = data.TrainBatches.batch
+def batch_or_hang(self, step):
+  if step == int(sys.argv[3]):
+    time.sleep(600)
+  return batch(self, step)
+data.TrainBatches.batch = batch_or_hang
+train(ExperimentConfig.from_dict(json.loads(sys.argv[1])), sys.argv[2])
+"""
+
+
+def _state(workdir: str) -> tuple[int, dict]:
+  """(step, everything) of the resumable state in workdir/latest, restored as stored."""
+  path = os.path.join(workdir, checkpoint.LATEST)
+  with checkpoint.manager(path) as mgr:
+    step = mgr.latest_step()
+    restored = mgr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(), opt_state=ocp.args.StandardRestore(),
+        meta=ocp.args.JsonRestore()))
+  return step, dict(restored)
+
+
+def test_kill_9_after_a_periodic_checkpoint_then_resume_equals_an_uninterrupted_run(
+    trained, config_dict, tiny_config, tmp_path):
+  """train.checkpoint_every=6 saves latest/ at 6, 12, 18 besides the evaluations (8, 16,
+  ...). The run is killed with SIGKILL after logging step 20, so steps 19 and 20 and their
+  metrics are lost; --resume continues from 18 to the uninterrupted run's exact state."""
+  _, uninterrupted = trained
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _HANGING_RUN, json.dumps(config_dict(checkpoint_every=6)),
+       str(workdir), "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 120
+    while not (workdir / "metrics.jsonl").exists() or '"step": 20' not in (
+        workdir / "metrics.jsonl").read_text():
+      assert proc.poll() is None, proc.communicate()[1][-3000:]
+      assert time.monotonic() < deadline, "the run did not reach step 20"
+      time.sleep(0.05)
+  finally:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+  assert proc.returncode == -signal.SIGKILL
+  assert _state(str(workdir))[0] == 18  # The periodic checkpoint; 16 was the last evaluation.
+  assert any(r["step"] == 20 for r in _metrics(str(workdir)))
+
+  resumed = train(tiny_config(checkpoint_every=6), str(workdir), resume=True)
+  assert resumed.steps == STEPS
+  (step, state), (ref_step, ref_state) = _state(str(workdir)), _state(uninterrupted.workdir)
+  assert step == ref_step == STEPS
+  chex.assert_trees_all_equal(state, ref_state)  # Parameters, optimizer state, history.
+
+  def timeless(records):  # Throughput is the one figure that differs between runs.
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+  records = _metrics(str(workdir))
+  assert timeless(records) == timeless(_metrics(uninterrupted.workdir))
+  shown = _tensorboard(str(workdir))
+  assert shown == _expected_tensorboard(records)  # The lost step 20 is hidden, then redone.
+  assert {t: v for t, v in shown.items() if t != "train/tokens_per_s"} == {
+      t: v for t, v in _tensorboard(uninterrupted.workdir).items() if t != "train/tokens_per_s"}
+
+
 def test_divergence_keeps_the_last_good_checkpoint_and_resume_recovers(
     trained, tiny_config, tmp_path):
   _, uninterrupted = trained
@@ -234,6 +372,33 @@ def test_divergence_keeps_the_last_good_checkpoint_and_resume_recovers(
   # As the message says: resume with a sane learning rate; it continues exactly.
   recovered = train(tiny_config(), workdir, resume=True)
   chex.assert_trees_all_close(recovered.history, uninterrupted.history, rtol=1e-6)
+
+
+def test_divergence_before_any_checkpoint_says_there_is_nothing_to_resume(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  with pytest.raises(TrainingDiverged) as info:  # Explodes at step 3; the first save is at 8.
+    train(tiny_config(learning_rate=HUGE_LR, log_every=1), workdir)
+  message = str(info.value)
+  for words in ("loss became", "before any checkpoint", "nothing to resume", "learning_rate",
+                "train again"):
+    assert words in message, message
+  assert "None" not in message and "--resume" not in message
+  assert checkpoint.manager(os.path.join(workdir, "latest")).latest_step() is None
+
+  # As the message says: train again, in the same workdir; the diverged records are gone.
+  train(tiny_config(), workdir, stop_at_step=8)
+  assert [(r["kind"], r["step"]) for r in _metrics(workdir)] == [("train", 8), ("eval", 8)]
+  assert _tensorboard(workdir) == _expected_tensorboard(_metrics(workdir))
+
+
+def test_divergence_between_logging_steps_never_reaches_a_periodic_checkpoint(
+    tiny_config, tmp_path):
+  """checkpoint_every=1 saves at steps whose loss is never fetched (logging every 10): the
+  update of step 2 explodes and step 3's is NaN; latest/ must keep a finite state."""
+  workdir = str(tmp_path / "run")
+  with pytest.raises(TrainingDiverged, match="non-finite.*kept the last good checkpoint"):
+    train(tiny_config(learning_rate=HUGE_LR, checkpoint_every=1), workdir)
+  chex.assert_tree_all_finite(_latest(workdir)[1])
 
 
 def test_divergence_seen_first_by_an_evaluation_does_not_replace_the_good_checkpoint(
@@ -312,6 +477,7 @@ def test_unwritable_workdir_is_refused(tiny_config, tmp_path, kind):
     ("model", {"num_heads": 3}, ["model.num_heads=3", "model.dim=32"]),
     ("train", {"learning_rate": -1.0}, ["train.learning_rate"]),
     ("train", {"warmup": 5}, ["unknown train field", "warmup"]),
+    ("train", {"checkpoint_every": -1}, ["train.checkpoint_every", ">= 0", "-1"]),
 ])
 def test_bad_experiment_config_is_refused(config_dict, section, changes, words):
   d = config_dict()
