@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import spread_model
+from conftest import random_model
 from flax import nnx
 
 from deepexit_jax import decoding, exits
@@ -27,7 +27,7 @@ THRESHOLDS = {"softmax": 0.6, "margin": 0.3, "state": 0.9}
 
 @functools.cache
 def _model():
-  return spread_model(CONFIG)
+  return random_model(CONFIG)
 
 
 @functools.cache
@@ -151,7 +151,7 @@ def test_full_depth_baseline_is_the_same_code_without_conds():
 
 def test_generated_tokens_follow_the_exit_logits_and_threshold_is_traced():
   model, prompt = _model(), _tokens(2, 3)
-  jitted = decoding._split(model).decode
+  jitted = decoding.compiled.decoder_of(decoding.early_exit.decode, model)
   res = decoding.generate(model, prompt, 8, 0.6, exit_layers=EXITS, return_logits=True)
   size = jitted._cache_size()
   again = decoding.generate(model, prompt, 8, 0.2, exit_layers=EXITS, return_logits=True)
@@ -168,7 +168,7 @@ def test_generated_tokens_follow_the_exit_logits_and_threshold_is_traced():
 def test_reused_split_sees_updated_values_and_replaced_modules():
   """`generate` reuses the model's split between calls; in-place updates of parameters
   and replaced submodules still reach the decoder."""
-  model = spread_model(CONFIG)  # A private copy: this test edits it.
+  model = random_model(CONFIG)  # A private copy: this test edits it.
   prompt = _tokens()[:, :4]
 
   def logits():
@@ -270,3 +270,81 @@ def test_binary_bad_input_is_one_line(checkpoint_dir, args, words):
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines()[-1].startswith("error:")
   assert words in bad.stderr and "Traceback" not in bad.stderr
+
+
+# Every measure and both policies; not all 8 pairs (each pair is a compilation).
+@pytest.mark.parametrize("measure, kv_policy", [
+    ("softmax", "copy"), ("softmax", "recompute"), ("margin", "copy"),
+    ("entropy", "recompute"), ("state", "copy"), ("state", "recompute")])
+def test_decoder_threshold_equal_to_a_confidence_exits_there(measure, kv_policy):
+  """`>=` in the decoder: a threshold set exactly to a token's computed confidence makes
+  it exit there. Layer 2's confidences do not depend on the threshold (exits at 2 only
+  change layers 3 and up), so the never-exiting decode gives them all."""
+  model, tokens = _model(), _tokens()
+  kwargs = dict(exit_layers=(2,), measure=measure, kv_policy=kv_policy, batch_exit="row")
+  never = decoding.decode_teacher_forced(model, tokens, np.inf, **kwargs)
+  conf_BM = np.asarray(never.checked_confidence)[..., 0]
+  assert np.all(np.isfinite(conf_BM)) and np.all(np.asarray(never.exit_layer) == N)
+  candidates = conf_BM[conf_BM > 0] if measure == "state" else conf_BM.ravel()
+  thr = np.quantile(candidates, 0.5, method="nearest").astype(np.float32)
+  res = decoding.decode_teacher_forced(model, tokens, thr, **kwargs)
+  assert (conf_BM == thr).any()
+  np.testing.assert_array_equal(np.asarray(res.checked_confidence)[..., 0], conf_BM)
+  np.testing.assert_array_equal(np.asarray(res.exit_layer), np.where(conf_BM >= thr, 2, N))
+
+
+def _hand_decode_cost(exit_BM, kv_policy, batch_exit, exit_layers=EXITS):
+  """Layers run, checks, catch-up layers per step and the three FLOP totals, counted by
+  hand from the rows' exit layers with `exits.FlopCounter`'s pieces (no queue overflow).
+
+  The batch runs to its shared exit layer (sync) or its deepest row's (row). Under
+  `recompute` a position left pending at depth d is caught up, one layer at a time, by
+  every later step that runs deeper than d, up to that step's depth."""
+  c = exits.FlopCounter.from_config(CONFIG)
+  b, m = exit_BM.shape
+  run_M = exit_BM[0] if batch_exit == "sync" else exit_BM.max(0)
+  checks_M = np.array([sum(k <= r for k in exit_layers) for r in run_M])
+  rec_M = np.zeros(m, int)
+  depth = {}  # pending position -> depth reached so far
+  for q in range(m):
+    if kv_policy == "recompute":
+      for p in depth:
+        rec_M[q] += max(0, run_M[q] - depth[p])
+        depth[p] = max(depth[p], run_M[q])
+      if run_M[q] < N:
+        depth[q] = run_M[q]
+  full = ideal = executed = 0
+  for q in range(m):
+    t = q  # teacher forced: step q is position q
+    full += b * (N * c.block(t) + c.head)
+    for row in range(b):
+      k = exit_BM[row, q]
+      ideal += (k * c.block(t) + (N - k) * c.kv * (kv_policy == "copy")
+                + sum(j <= k for j in exit_layers) * c.head + (k == N) * c.head)
+    executed += b * ((run_M[q] + rec_M[q]) * c.block(t) + checks_M[q] * c.head
+                     + (run_M[q] == N) * c.head
+                     + (N - run_M[q]) * c.kv * (kv_policy == "copy"))
+  return run_M, checks_M, rec_M, (full, ideal, executed)
+
+
+@pytest.mark.parametrize("batch_exit", decoding.BATCH_EXITS)
+@pytest.mark.parametrize("kv_policy", decoding.KV_POLICIES)
+def test_decode_cost_at_batch_three_is_the_hand_count(kv_policy, batch_exit):
+  model, tokens, thr = _model(), _tokens(), THRESHOLDS["softmax"]
+  res = decoding.decode_teacher_forced(model, tokens, thr, exit_layers=EXITS,
+                                       kv_policy=kv_policy, batch_exit=batch_exit,
+                                       max_pending=16)
+  exit_BM = np.asarray(res.exit_layer)
+  run_M, checks_M, rec_M, (full, ideal, executed) = _hand_decode_cost(
+      exit_BM, kv_policy, batch_exit)
+  np.testing.assert_array_equal(np.asarray(res.layers_run), run_M)
+  np.testing.assert_array_equal(np.asarray(res.checks), checks_M)
+  np.testing.assert_array_equal(np.asarray(res.recomputed_layers), rec_M)
+  cost = decoding.decode_cost(CONFIG, res, kv_policy=kv_policy)
+  assert (cost.full_depth, cost.ideal, cost.executed) == (full, ideal, executed)
+  assert cost.mean_exit_layer == exit_BM.mean() and cost.mean_layers_run == run_M.mean()
+  # Not vacuous: mixed depths, and under recompute some catch-up work.
+  assert len(set(run_M.tolist())) > 1 and cost.ideal < cost.full_depth
+  assert (rec_M.sum() > 0) == (kv_policy == "recompute")
+  if batch_exit == "row":
+    assert cost.executed > cost.ideal  # rows wait for the deepest one
