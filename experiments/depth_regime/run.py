@@ -185,9 +185,10 @@ def plot(lv: list[Level], sweeps, statics, path: str) -> None:
                     yerr=[statistics.stdev(y) if len(y) > 1 else 0 for y in ys], fmt="o-",
                     capsize=3, color=colors[m], label=f"{LABELS[m]} front (mean ± std)")
     pts = [(100 * v.flops, v.static) for v in lv if v.static]
-    ax.errorbar([x for x, _ in pts], [statistics.mean(y) for _, y in pts],
-                yerr=[statistics.stdev(y) if len(y) > 1 else 0 for _, y in pts], fmt="ks--",
-                capsize=3, label="static front (4- / 8-layer, mean ± std)")
+    if pts:
+      ax.errorbar([x for x, _ in pts], [statistics.mean(y) for _, y in pts],
+                  yerr=[statistics.stdev(y) if len(y) > 1 else 0 for _, y in pts],
+                  fmt="ks--", capsize=3, label="static front (4- / 8-layer, mean ± std)")
     for m in STATIC:
       xs = [(100 * r.flops_fraction, r.ppl) for run, r in statics.items() if run.model == m]
       ax.plot([x for x, _ in xs], [y for _, y in xs], "k.", alpha=0.4)
@@ -338,17 +339,22 @@ def write_results(done, missing, sweeps, statics, lv) -> None:
   for a, b in pairs:
     if ppl.get(a) and ppl.get(b):
       lines.append("- " + common.compare(f"`{a}`", ppl[a], f"`{b}`", ppl[b])[2] + ".")
+  if not any(ppl.get(a) and ppl.get(b) for a, b in pairs):
+    lines.append("- (no pair of models has finished yet)")
+  present = [m for m in EARLY_EXIT if any(r.model == m for r in sweeps)]
   lines += ["", "## Where the early-exit front sits against the static front", "",
             "At each compute level: the best early-exit front PPL costing no more, minus the "
             "best static model costing no more (static front: the 4-layer model until the "
             "8-layer one becomes affordable), mean gap ± SE over seeds; **below** = the "
             "early-exit front is lower by more than 2 SE.", "",
             "| FLOPs % | static front PPL | " + " | ".join(
-                f"{LABELS[m]} {p}: front PPL | gap vs static" for m in EARLY_EXIT
-                for p in POLICIES) + " |", "|---|---|" + "---|---|" * 4]
+                f"{LABELS[m]} {p}: front PPL | gap vs static" for m in present
+                for p in POLICIES) + " |", "|---|---|" + "---|---|" * 2 * len(present)]
+  if not lv:
+    lines.append("| (no static model finished yet) |")
   for v in lv:
     cells = []
-    for m in EARLY_EXIT:
+    for m in present:
       for p in POLICIES:
         e = [x for x in v.early[m][p] if math.isfinite(x)]
         cells += [common.mean_std(e) if e else "—", _cmp_cell(v.early[m][p], v.static)
@@ -356,7 +362,7 @@ def write_results(done, missing, sweeps, statics, lv) -> None:
     lines.append(f"| {_pct(v.flops)} | {common.mean_std(v.static)} | " + " | ".join(cells)
                  + " |")
   lines += ["", "![fronts with error bars](depth_regime.png)", "", "## Answer", ""]
-  lines += answer(lv)
+  lines += answer(lv) or ["Needs finished static models."]
   seed0 = next((r for r in sweeps if r.model == "early_exit" and r.seed == 0), None)
   if seed0:
     lines += ["", "## Sweep of `early_exit` seed 0 (single seed)", "",
