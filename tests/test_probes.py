@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import spread_model
+from conftest import random_model
 from flax import nnx
 
 from deepexit_jax import checkpoint, data, exits, probes
@@ -28,7 +28,7 @@ FAST = probes.FitConfig(hidden=16, max_epochs=25, patience=4, batch_size=256)
 
 @functools.cache
 def _model():
-  return spread_model(CONFIG)
+  return random_model(CONFIG)
 
 
 @functools.cache
@@ -73,6 +73,34 @@ def test_top_k_settling_on_a_hand_example():
   out = probes.topk_settling(topk_NMK)
   np.testing.assert_array_equal(out["settle_layer_KM"], [[2], [3]])
   assert out["top1_first"] == 1.0 and out["top1_strictly_first"] == 1.0
+
+
+def test_top_k_settling_per_rank_on_a_hand_example():
+  # 3 layers, 4 tokens, ranks 1..2; layer 3 ranks (1, 2) for every token.
+  topk_NMK = np.array([
+      [[1, 2], [4, 2], [1, 3], [1, 7]],
+      [[1, 2], [1, 2], [5, 3], [1, 8]],
+      [[1, 2], [1, 2], [1, 2], [1, 2]]])
+  out = probes.topk_settling(topk_NMK)
+  np.testing.assert_array_equal(out["settle_layer_KM"], [[1, 2, 3, 1], [1, 1, 3, 3]])
+  assert out["per_rank"] == [
+      {"k": 1, "mean": 1.75, "median": 1.5, "settled_at_1": 0.5, "top1_no_later": 1.0},
+      {"k": 2, "mean": 2.0, "median": 2.0, "settled_at_1": 0.5, "top1_no_later": 0.75}]
+  assert (out["top1_first"], out["top1_strictly_first"], out["ordered"]) == (0.75, 0.25, 0.75)
+
+
+def test_pearson_r_against_the_formula():
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=50)
+  y = 0.3 * x + rng.normal(size=50)
+  dx, dy = x - x.mean(), y - y.mean()
+  expected = (dx * dy).sum() / np.sqrt((dx**2).sum() * (dy**2).sum())
+  assert probes.pearson_r(x, y) == pytest.approx(expected, rel=1e-12)
+  assert 0.1 < expected < 0.9  # neither trivial nor perfect
+  assert probes.pearson_r(x, -2 * x + 1) == pytest.approx(-1.0)
+  assert probes.pearson_r(x > 0, y) == pytest.approx(np.corrcoef(x > 0, y)[0, 1])
+  assert math.isnan(probes.pearson_r(np.ones(5), np.arange(5)))
+  assert math.isnan(probes.pearson_r(np.arange(5), np.zeros(5)))
 
 
 def _brute_auroc(y, s):
@@ -228,6 +256,90 @@ def test_study_rows_and_baselines():
     assert r["majority_accuracy"] == pytest.approx(max(p, 1 - p))
   assert study.best == "final/linear"
   assert study.flops["probes"]["final/linear"] == probes.probe_flops("delta", 8, 0)
+
+
+def test_analyses_against_a_direct_computation():
+  col = _collection()
+  out = probes.analyses(col)
+  hidden = col.hidden_NMD.astype(np.float64)
+  delta_NM = np.linalg.norm(hidden[1:] - hidden[:-1], axis=-1)
+  h_in_NM = np.linalg.norm(hidden[:-1], axis=-1)
+  top1 = col.topk_NMK[..., 0]
+  n = CONFIG.num_layers
+  for i, row in enumerate(out["transitions"]):
+    change = (top1[i] != top1[i + 1]).astype(np.float64)
+    assert (row["transition"], row["layer"]) == (f"{i + 1}->{i + 2}", i + 1)
+    assert row["change_rate"] == pytest.approx(change.mean())
+    assert row["r_delta_l"] == pytest.approx(np.corrcoef(delta_NM[i], change)[0, 1], abs=1e-5)
+    assert row["r_delta_next"] == pytest.approx(np.corrcoef(delta_NM[i + 1], change)[0, 1],
+                                                abs=1e-5)
+  assert len(out["transitions"]) == n - 1 and len(out["layers"]) == n
+  for i, row in enumerate(out["layers"]):
+    assert row["layer"] == i + 1
+    assert row["mean_delta_norm"] == pytest.approx(delta_NM[i].mean(), rel=1e-5)
+    assert row["mean_relative_delta"] == pytest.approx((delta_NM[i] / h_in_NM[i]).mean(),
+                                                       rel=1e-5)
+    assert row["mean_h_in_norm"] == pytest.approx(h_in_NM[i].mean(), rel=1e-5)
+    assert row["ppl"] == pytest.approx(np.exp(col.nll_NM[i].astype(np.float64).mean()),
+                                       rel=1e-5)
+    assert row["mean_softmax"] == pytest.approx(col.softmax_NM[i].mean(), rel=1e-5)
+    assert row["agrees_with_final"] == pytest.approx(np.mean(top1[i] == top1[-1]))
+  assert out["topk"]["per_rank"] == probes.topk_settling(col.topk_NMK)["per_rank"]
+  # Not vacuous on this model: layers change their minds and the norms vary.
+  rates = [r["change_rate"] for r in out["transitions"]]
+  assert min(rates) > 0.05 and len({round(r, 6) for r in rates}) == n - 1
+
+
+def test_study_scores_every_metric_on_the_held_out_tokens():
+  """Rows are scored on tokens [num_fit, M); thresholds come from [0, num_fit)."""
+  col, fraction = _collection(), 0.6
+  num_fit = int(col.num_tokens * fraction)
+  study = probes.run_study(col, labels=("final", "change"),
+                           predictors=("delta_norm", "state", "softmax"), balance=(False,),
+                           fit_fraction=fraction, fit=FAST)
+  assert study.metadata["num_fit"] == num_fit
+  differs = 0
+  for r in study.rows:
+    y = probes.settled_labels(r["label"], col.top1_NM)[r["layer"] - 1]
+    if r["predictor"] == "delta_norm":
+      probe = study.probes[f"{r['label']}/delta_norm"]
+      s, thr = probes.probe_scores(probe, col)[r["layer"] - 1], 0.0
+    else:
+      s = getattr(col, r["predictor"] + "_NM")[r["layer"] - 1]
+      thr = probes.best_f1_threshold(y[:num_fit], s[:num_fit])
+    tuned = probes.best_f1_threshold(y[:num_fit], s[:num_fit])
+    y_h, s_h = y[num_fit:], s[num_fit:]
+    expected = {**probes.binary_metrics(y_h, s_h >= thr), "auroc": probes.auroc(y_h, s_h),
+                "f1_tuned": probes.binary_metrics(y_h, s_h >= tuned)["f1"],
+                "positive_rate": float(y_h.mean()), "num_heldout": len(y_h),
+                "threshold": pytest.approx(thr, rel=1e-6)}
+    assert {k: r[k] for k in expected} == expected, r
+    fitting_part = probes.binary_metrics(y[:num_fit], s[:num_fit] >= thr)
+    differs += fitting_part["f1"] != r["f1"]
+  assert differs > len(study.rows) // 2  # the two parts would give other numbers
+
+
+def test_probes_are_fitted_on_the_fitting_part_only():
+  """Changing the held-out tokens' labels changes no fitted parameter; changing the
+  fitting part's does."""
+  col, num_fit = _collection(), 400
+  rng = np.random.default_rng(0)
+
+  def relabelled(part):
+    topk = col.topk_NMK.copy()
+    topk[:, part] = rng.permutation(topk[:, part], axis=1)
+    return dataclasses.replace(col, topk_NMK=topk)
+
+  fit = dataclasses.replace(FAST, max_epochs=3)
+  for predictor in ("delta_norm", "linear"):
+    base, _ = probes.fit_probe(col, "final", predictor, num_fit=num_fit, fit=fit)
+    held, _ = probes.fit_probe(relabelled(slice(num_fit, None)), "final", predictor,
+                               num_fit=num_fit, fit=fit)
+    chex.assert_trees_all_equal(held.params, base.params)
+    moved, _ = probes.fit_probe(relabelled(slice(0, num_fit)), "final", predictor,
+                                num_fit=num_fit, fit=fit)
+    assert not all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(moved.params), jax.tree.leaves(base.params)))
 
 
 # ----------------------------------------------------------------------------------------
