@@ -170,11 +170,23 @@ class Block(nnx.Module):
   def kv(self, h_BTD: Array) -> tuple[Array, Array]:
     """Keys and values [B, T, H, K] this layer computes from its input states."""
     b, t, d = h_BTD.shape
-    _, k_MD, v_MD = jnp.split(self.qkv(self.ln1(h_BTD.reshape(b * t, d))), 3, axis=-1)
-    return self._heads(k_MD, b, t), self._heads(v_MD, b, t)
+    _, k_BTHK, v_BTHK = self._project(h_BTD.reshape(b * t, d), b, t)
+    return k_BTHK, v_BTHK
 
   def _heads(self, x_MD: Array, b: int, t: int) -> Array:
     return x_MD.reshape(b, t, self.num_heads, x_MD.shape[-1] // self.num_heads)
+
+  def _project(self, x_MD: Array, b: int, t: int) -> tuple[Array, Array, Array]:
+    """Queries, keys and values [B, T, H, K] of the input rows x [B*T, D] (LayerNorm 1, QKV)."""
+    q_MD, k_MD, v_MD = jnp.split(self.qkv(self.ln1(x_MD)), 3, axis=-1)
+    return self._heads(q_MD, b, t), self._heads(k_MD, b, t), self._heads(v_MD, b, t)
+
+  def _residual(self, x_MD: Array, att_BTHK: Array, keys: tuple[Array | None, Array | None]
+                ) -> Array:
+    """The rest of the block after attention: output projection, residual, MLP, residual."""
+    h_MD = x_MD + _dropout(self.attn_out(att_BTHK.reshape(x_MD.shape)), self.dropout, keys[0])
+    mlp_MD = self.fc2(jax.nn.gelu(self.fc1(self.ln2(h_MD))))
+    return h_MD + _dropout(mlp_MD, self.dropout, keys[1])
 
   def __call__(self, h_BTD: Array, key: Array | None = None) -> Array:
     """Applies the block causally over the whole sequence.
@@ -190,15 +202,80 @@ class Block(nnx.Module):
     # their gradients, to fast GEMMs, while 3-D ones were ~3x slower in the backward.
     b, t, d = h_BTD.shape
     keys = (None, None) if key is None else tuple(jax.random.split(key))
-    h_MD = h_BTD.reshape(b * t, d)
-    q_MD, k_MD, v_MD = jnp.split(self.qkv(self.ln1(h_MD)), 3, axis=-1)
-    att_BTHK = causal_attention(
-        self._heads(q_MD, b, t), self._heads(k_MD, b, t), self._heads(v_MD, b, t),
-        chunks=self.attention_chunks)
-    att_MD = self.attn_out(att_BTHK.reshape(b * t, d))
-    h_MD = h_MD + _dropout(att_MD, self.dropout, keys[0])
-    mlp_MD = self.fc2(jax.nn.gelu(self.fc1(self.ln2(h_MD))))
-    return (h_MD + _dropout(mlp_MD, self.dropout, keys[1])).reshape(b, t, d)
+    x_MD = h_BTD.reshape(b * t, d)
+    att_BTHK = causal_attention(*self._project(x_MD, b, t), chunks=self.attention_chunks)
+    return self._residual(x_MD, att_BTHK, keys).reshape(b, t, d)
+
+  def extend(self, h_BRD: Array, cache: tuple[Array, Array], cache_mask_BRS: Array,
+             new_mask_BRR: Array) -> tuple[Array, Array, Array]:
+    """The block for R new rows against a KV cache: the cache-aware step of every decoder.
+
+    Each row attends to the cache positions `cache_mask_BRS` allows and to the new rows
+    `new_mask_BRR` allows (a row's own key/value comes from the rows, never the cache).
+    The cache is only read; the rows' keys/values are returned for the caller to write
+    (decoders choose when, see `deepexit_jax.decoding`). No dropout (inference).
+
+    Args:
+      h_BRD: the rows' input states.
+      cache: (keys, values) [B, S, H, K] of this layer.
+      cache_mask_BRS: bool [B or 1, R, S]: which cache positions each row sees.
+      new_mask_BRR: bool [B or 1, R, R]: which new rows each row sees (itself included).
+
+    Returns:
+      (output states [B, R, D], keys [B, R, H, K], values [B, R, H, K]).
+    """
+    b, r, d = h_BRD.shape
+    x_MD = h_BRD.reshape(b * r, d)
+    q_BRHK, k_BRHK, v_BRHK = self._project(x_MD, b, r)
+    att_BRHK = cached_attention(q_BRHK, k_BRHK, v_BRHK, *cache, cache_mask_BRS, new_mask_BRR)
+    return self._residual(x_MD, att_BRHK, (None, None)).reshape(b, r, d), k_BRHK, v_BRHK
+
+  def extend_one(self, h_BD: Array, cache: tuple[Array, Array], t: Array
+                 ) -> tuple[Array, Array, Array]:
+    """`extend` for one row per batch row at position t ([] or [B]): it sees cache
+    positions < t and itself. The same attention, with the row's own key/value handled
+    element-wise beside the cache, which is faster for R = 1.
+
+    Returns:
+      (output states [B, D], keys [B, H, K], values [B, H, K]).
+    """
+    b, d = h_BD.shape
+    q_BHK, k_BHK, v_BHK = (x[:, 0] for x in self._project(h_BD, b, 1))
+    k_BSHK, v_BSHK = cache
+    s = k_BSHK.shape[1]
+    scale = jnp.sqrt(jnp.asarray(q_BHK.shape[-1], q_BHK.dtype))
+    scores_BHS = jnp.einsum("bhk,bshk->bhs", q_BHK, k_BSHK) / scale
+    visible_B1S = (jnp.arange(s)[None] < jnp.reshape(t, (-1, 1)))[:, None]
+    scores_BHS = jnp.where(visible_B1S, scores_BHS, jnp.finfo(scores_BHS.dtype).min)
+    self_BH1 = jnp.sum(q_BHK * k_BHK, -1, keepdims=True) / scale
+    p_BHX = jax.nn.softmax(jnp.concatenate([scores_BHS, self_BH1], -1), axis=-1)
+    att_BHK = jnp.einsum("bhs,bshk->bhk", p_BHX[..., :s], v_BSHK) + p_BHX[..., s:] * v_BHK
+    return self._residual(h_BD, att_BHK, (None, None)), k_BHK, v_BHK
+
+
+def cached_attention(q_BRHK: Array, k_BRHK: Array, v_BRHK: Array, k_BSHK: Array,
+                     v_BSHK: Array, cache_mask_BRS: Array, new_mask_BRR: Array) -> Array:
+  """Softmax attention of R new rows over [cache; new rows], without concatenating the cache.
+
+  Args:
+    q_BRHK, k_BRHK, v_BRHK: the new rows' queries, keys and values.
+    k_BSHK, v_BSHK: the cache.
+    cache_mask_BRS, new_mask_BRR: bool masks ([B or 1, R, S], [B or 1, R, R]).
+
+  Returns:
+    [B, R, H, K] attention outputs.
+  """
+  s = k_BSHK.shape[1]
+  scale = jnp.sqrt(jnp.asarray(q_BRHK.shape[-1], q_BRHK.dtype))
+  scores_BHRX = jnp.concatenate([jnp.einsum("brhk,bshk->bhrs", q_BRHK, k_BSHK),
+                                 jnp.einsum("brhk,bshk->bhrs", q_BRHK, k_BRHK)], -1) / scale
+  lead, r = max(cache_mask_BRS.shape[0], new_mask_BRR.shape[0]), q_BRHK.shape[1]
+  mask_BRX = jnp.concatenate([jnp.broadcast_to(cache_mask_BRS, (lead, r, s)),
+                              jnp.broadcast_to(new_mask_BRR, (lead, r, r))], -1)
+  scores_BHRX = jnp.where(mask_BRX[:, None], scores_BHRX, jnp.finfo(scores_BHRX.dtype).min)
+  p_BHRX = jax.nn.softmax(scores_BHRX, axis=-1)
+  return (jnp.einsum("bhrs,bshk->brhk", p_BHRX[..., :s], v_BSHK)
+          + jnp.einsum("bhrs,bshk->brhk", p_BHRX[..., s:], v_BRHK))
 
 
 def causal_attention(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array,

@@ -43,20 +43,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import weakref
 from collections.abc import Sequence
-from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from deepexit_jax import exits, xla_options
+from deepexit_jax import exits
+from deepexit_jax.decoding import compiled
 from deepexit_jax.errors import UserError
-from deepexit_jax.model import Block, DeepSupervisionTransformer, ModelConfig
+from deepexit_jax.model import DeepSupervisionTransformer
 
 Array = jax.Array
 
@@ -125,17 +122,8 @@ class _Options:
   top_k: int  # 0 = no top-k filter
   return_logits: bool
 
-
 # ----------------------------------------------------------------------------------------
-# One layer on R query rows against its cache.
-
-
-def _qkv(blk: Block, x_MD: Array) -> tuple[Array, Array, Array]:
-  return tuple(jnp.split(blk.qkv(blk.ln1(x_MD)), 3, axis=-1))
-
-
-def _heads(x_MD: Array, b: int, r: int, h: int) -> Array:
-  return x_MD.reshape(b, r, h, x_MD.shape[-1] // h)
+# Masks of the rows one layer call runs, and the keys/values of a copied state.
 
 
 def _masks(pos_R: Array, active_R: Array, s: int) -> tuple[Array, Array]:
@@ -149,66 +137,6 @@ def _masks(pos_R: Array, active_R: Array, s: int) -> tuple[Array, Array]:
   cache_RS = (s_S[None] <= pos_R[:, None]) & ~rewritten_S[None]
   new_RR = active_R[None, :] & (pos_R[None, :] <= pos_R[:, None])
   return cache_RS[None], new_RR[None]
-
-
-def _layer(blk: Block, h_BRD: Array, cache: tuple[Array, Array], masks: tuple[Array, Array]
-           ) -> tuple[Array, Array, Array]:
-  """`Block.__call__` for R new rows, attending to the cache and to each other.
-
-  The cache is only read: the new rows' keys/values are returned, and the decoder
-  writes them at the start of the NEXT step, before any read. A cache written inside a
-  `lax.cond` branch, or written after being read in the same step, is copied by XLA on
-  every step (measured: the copies cost more than the layers they skip).
-
-  Args:
-    blk: the layer.
-    h_BRD: the rows' input states.
-    cache: (keys, values) [B, S, H, K] of this layer from earlier steps.
-    masks: `_masks` of the rows.
-
-  Returns:
-    (output states [B, R, D], keys [B, R, H, K], values [B, R, H, K]).
-  """
-  b, r, d = h_BRD.shape
-  k_BSHK, v_BSHK = cache
-  s, nh = k_BSHK.shape[1], k_BSHK.shape[2]
-  cache_1RS, new_1RR = masks
-  x_MD = h_BRD.reshape(b * r, d)
-  q_MD, k_MD, v_MD = _qkv(blk, x_MD)
-  q_BRHK, k_BRHK, v_BRHK = (_heads(x, b, r, nh) for x in (q_MD, k_MD, v_MD))
-  # `model._attend` over [cache; new rows], without concatenating the cache.
-  scale = jnp.sqrt(jnp.asarray(q_BRHK.shape[-1], q_BRHK.dtype))
-  scores_BHRX = jnp.concatenate([jnp.einsum("brhk,bshk->bhrs", q_BRHK, k_BSHK),
-                                 jnp.einsum("brhk,bshk->bhrs", q_BRHK, k_BRHK)], -1) / scale
-  mask_1RX = jnp.concatenate([cache_1RS, new_1RR], -1)
-  scores_BHRX = jnp.where(mask_1RX[:, None], scores_BHRX, jnp.finfo(scores_BHRX.dtype).min)
-  p_BHRX = jax.nn.softmax(scores_BHRX, axis=-1)
-  att_BRHK = (jnp.einsum("bhrs,bshk->brhk", p_BHRX[..., :s], v_BSHK)
-              + jnp.einsum("bhrs,bshk->brhk", p_BHRX[..., s:], v_BRHK))
-  h_MD = x_MD + blk.attn_out(att_BRHK.reshape(b * r, d))
-  h_MD = h_MD + blk.fc2(jax.nn.gelu(blk.fc1(blk.ln2(h_MD))))
-  return h_MD.reshape(b, r, d), k_BRHK, v_BRHK
-
-
-def _layer_one(blk: Block, h_BD: Array, cache: tuple[Array, Array], t: Array
-               ) -> tuple[Array, Array, Array]:
-  """`_layer` for one row at position t: the same attention, its own key/value
-  handled element-wise beside the cache (positions < t), which is faster for R = 1."""
-  b, d = h_BD.shape
-  k_BSHK, v_BSHK = cache
-  s, nh = k_BSHK.shape[1], k_BSHK.shape[2]
-  q_MD, k_MD, v_MD = _qkv(blk, h_BD)
-  q_BHK, k_BHK, v_BHK = (x.reshape(b, nh, d // nh) for x in (q_MD, k_MD, v_MD))
-  scale = jnp.sqrt(jnp.asarray(q_BHK.shape[-1], q_BHK.dtype))
-  scores_BHS = jnp.einsum("bhk,bshk->bhs", q_BHK, k_BSHK) / scale
-  scores_BHS = jnp.where((jnp.arange(s) < t)[None, None], scores_BHS,
-                         jnp.finfo(scores_BHS.dtype).min)
-  self_BH1 = jnp.sum(q_BHK * k_BHK, -1, keepdims=True) / scale
-  p_BHX = jax.nn.softmax(jnp.concatenate([scores_BHS, self_BH1], -1), axis=-1)
-  att_BHK = jnp.einsum("bhs,bshk->bhk", p_BHX[..., :s], v_BSHK) + p_BHX[..., s:] * v_BHK
-  h_MD = h_BD + blk.attn_out(att_BHK.reshape(b, d))
-  h_MD = h_MD + blk.fc2(jax.nn.gelu(blk.fc1(blk.ln2(h_MD))))
-  return h_MD, k_BHK, v_BHK
 
 
 def _copied_kv(kv_params: tuple[Array, ...], lo: int, h_BD: Array, num_heads: int
@@ -229,7 +157,6 @@ def _copied_kv(kv_params: tuple[Array, ...], lo: int, h_BD: Array, num_heads: in
   shape = (k_LBD.shape[0], b, num_heads, d // num_heads)
   return k_LBD.reshape(shape), v_LBD.reshape(shape)
 
-
 # ----------------------------------------------------------------------------------------
 # The jitted decoder.
 
@@ -240,9 +167,10 @@ def _segments(exit_layers: tuple[int, ...], n: int) -> list[tuple[int, int]]:
   return list(zip([0] + ends[:-1], ends))
 
 
-def _decode(graphdef: nnx.GraphDef, state: nnx.State, tokens_BF: Array, threshold: Array,
-            temperature: Array, rng: Array, *, opts: _Options) -> DecodeResult:
-  model: DeepSupervisionTransformer = nnx.merge(graphdef, state)
+def decode(model: DeepSupervisionTransformer, tokens_BF: Array, threshold: Array,
+           temperature: Array, rng: Array, *, opts: _Options) -> DecodeResult:
+  """The traced early-exit decoder (`generate` and `decode_teacher_forced` jit it through
+  `compiled.call`): prefill, then `opts.num_steps` decode steps in one `fori_loop`."""
   cfg = model.config
   n, s, e, q, d = cfg.num_layers, cfg.max_len, len(opts.exit_layers), opts.max_pending, cfg.dim
   nh, hk = cfg.num_heads, cfg.head_dim
@@ -250,8 +178,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, tokens_BF: Array, threshol
   copy = opts.kv_policy == "copy"
   segments = _segments(opts.exit_layers, n)
   # Each layer's weights sliced once, outside the step loop.
-  bgraph, bstate = nnx.split(model.blocks)
-  blocks = [nnx.merge(bgraph, jax.tree.map(lambda x, i=i: x[i], bstate)) for i in range(n)]
+  blocks = [model.layer(i) for i in range(n)]
   kv_params = (model.blocks.ln1.scale[...], model.blocks.ln1.bias[...],
                model.blocks.qkv.kernel[...][:, :, d:], model.blocks.qkv.bias[...][:, d:],
                model.blocks.ln1.epsilon)
@@ -270,7 +197,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, tokens_BF: Array, threshol
     masks = _masks(pos_P, jnp.ones_like(pos_P, bool), s)
     h_BPD = model.embed_tokens(tokens_BL[:, :opts.prefill], pos_P[None])
     for i in range(n):
-      h_BPD, k_BPHK, v_BPHK = _layer(blocks[i], h_BPD, caches[i], masks)
+      h_BPD, k_BPHK, v_BPHK = blocks[i].extend(h_BPD, caches[i], *masks)
       caches[i] = (zeros_BSHK.at[:, :opts.prefill].set(k_BPHK),
                    zeros_BSHK.at[:, :opts.prefill].set(v_BPHK))
       # The first step rewrites position prefill - 1 with these same rows.
@@ -307,7 +234,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, tokens_BF: Array, threshol
         st = dict(st, kv=list(st["kv"]))
         for i in range(lo, hi):
           h_in = st["h"]
-          h_out, k_BHK, v_BHK = _layer_one(blocks[i], h_in, caches[i], t)
+          h_out, k_BHK, v_BHK = blocks[i].extend_one(h_in, caches[i], t)
           st["kv"][i - lo] = (k_BHK, v_BHK)
           st["h_in"], st["h_out"] = h_in, h_out
           st["h"] = h_out if frozen_B1 is None else jnp.where(frozen_B1, h_in, h_out)
@@ -321,7 +248,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, tokens_BF: Array, threshol
           h_in = st["h"]
           h_BRD = jnp.concatenate([h_in[:, None], st["q_h"]], 1)
           masks = _masks(pos_R, jnp.concatenate([jnp.ones((1,), bool), active_Q]), s)
-          h_BRD, k_BRHK, v_BRHK = _layer(blocks[i], h_BRD, caches[i], masks)
+          h_BRD, k_BRHK, v_BRHK = blocks[i].extend(h_BRD, caches[i], *masks)
           st["kv"][i - lo] = (k_BRHK[:, 0], v_BRHK[:, 0])
           st["q_kv"][i - lo] = (k_BRHK[:, 1:], v_BRHK[:, 1:], active_Q)
           st["h_in"], st["h_out"] = h_in, h_BRD[:, 0]
@@ -466,25 +393,6 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, tokens_BF: Array, threshol
       checks=carry["checks"], start=opts.prefill, exit_layers=opts.exit_layers)
 
 
-def _decode_values(graphdef: nnx.GraphDef, treedef: Any, values: list[Array], *args,
-                   opts: _Options) -> DecodeResult:
-  """`_decode` with the model's state given as its flat leaf values."""
-  return _decode(graphdef, jax.tree.unflatten(treedef, values), *args, opts=opts)
-
-
-@functools.cache
-def _decode_jit(graphdef: nnx.GraphDef, treedef: Any, nested: bool):
-  """The jitted decoder of one model structure (models of equal graphdefs share it).
-
-  Built at first use (the compiler options depend on the backend); under a caller's jit
-  XLA takes no per-function options.
-  """
-  fn = functools.partial(_decode_values, graphdef, treedef)
-  if nested:
-    return jax.jit(fn, static_argnames=("opts",))
-  return xla_options.jit(fn, static_argnames=("opts",))
-
-
 # ----------------------------------------------------------------------------------------
 # Validation and the public entry points.
 
@@ -504,101 +412,6 @@ def _check_options(model: DeepSupervisionTransformer, exit_layers: Sequence[int]
                     "the recompute policy may hold)")
   return layers
 
-
-def _check_tokens(tokens: Any, what: str) -> Array:
-  # Host inputs stay NumPy (no device round trip for the checks); jit moves them once.
-  tokens_BT = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
-  if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
-    raise UserError(f"{what} must hold integer token ids, got dtype {tokens_BT.dtype}")
-  tokens_BT = tokens_BT.astype(np.int32)
-  if tokens_BT.ndim == 1:
-    tokens_BT = tokens_BT[None]
-  if tokens_BT.ndim != 2 or tokens_BT.shape[0] < 1 or tokens_BT.shape[1] < 1:
-    raise UserError(f"{what} must be a non-empty [batch, time] array of token ids, got shape "
-                    f"{tokens_BT.shape}: give at least one token")
-  return tokens_BT
-
-
-@dataclasses.dataclass(frozen=True)
-class _Split:
-  """A model's split, kept between `generate` calls (see `_split`).
-
-  Attributes:
-    fingerprint: `_fingerprint(model)` when it was split.
-    variables: the model's Variable objects, in the order of `treedef`'s leaves; their
-      values are read at every call, so in-place parameter updates are seen.
-    decode: the jitted decoder of this structure, taking those values.
-  """
-
-  fingerprint: tuple[int, ...]
-  variables: list[Any]
-  decode: Any
-
-
-# model -> its last `_Split`.
-_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _fingerprint(node: nnx.Module) -> tuple[int, ...]:
-  """Identities of every submodule and Variable under `node`: what `nnx.split` would see,
-  in a fraction of its time (values are not part of it: a split state holds the model's
-  own Variable objects, so in-place updates reach it)."""
-  ids = []
-  for value in vars(node).values():
-    kind = _node_kind(type(value))
-    if kind:
-      ids.append(id(value))
-      if kind == "module":
-        ids.extend(_fingerprint(value))
-  return tuple(ids)
-
-
-@functools.cache
-def _node_kind(cls: type) -> str:
-  """"module", "variable" or "" (cached per class: `isinstance` on NNX types is slow)."""
-  if issubclass(cls, nnx.Variable):
-    return "variable"
-  return "module" if issubclass(cls, nnx.Module) else ""
-
-
-def _is_variable(x: Any) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def _split(model: DeepSupervisionTransformer) -> _Split | None:
-  """The model's split and decoder, reused while its structure is unchanged.
-
-  Splitting the model, flattening its state and hashing a fresh graphdef for jit's cache
-  cost ~1.3 ms per call, more than half of a short decode (experiments/decoding). The
-  reuse is keyed by the model object and checked against `_fingerprint`, so a replaced
-  submodule or Variable is split anew. None for a traced model (under an outer
-  transform), which is not kept.
-  """
-  fingerprint = _fingerprint(model)
-  hit = _SPLITS.get(model)
-  if hit is None or hit.fingerprint != fingerprint:
-    graphdef, state = nnx.split(model)
-    variables, treedef = jax.tree.flatten(state, is_leaf=_is_variable)
-    if any(isinstance(v.get_value(), jax.core.Tracer) for v in variables):
-      return None
-    hit = _SPLITS[model] = _Split(fingerprint, variables,
-                                  _decode_jit(graphdef, treedef, nested=False))
-  return hit
-
-
-@functools.cache
-def _default_rng() -> Array:
-  return jax.random.key(0)
-
-
-def _run(model, tokens_BF, threshold, temperature, rng, opts) -> DecodeResult:
-  args = (tokens_BF, threshold, temperature, rng)
-  split = _split(model)
-  if split is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
-    graphdef, state = nnx.split(model)  # Under a caller's transform: nothing is kept.
-    values, treedef = jax.tree.flatten(state)
-    return _decode_jit(graphdef, treedef, nested=True)(values, *args, opts=opts)
-  return split.decode([v.get_value() for v in split.variables], *args, opts=opts)
 
 
 def generate(
@@ -646,8 +459,8 @@ def generate(
   threshold = exits._check_threshold(threshold, measure)
   if threshold.ndim:
     raise UserError(f"threshold must be a scalar for decoding, got shape {threshold.shape}")
-  prompt_BP = _check_tokens(prompt, "prompt")
-  _check_vocab(prompt_BP, model.config.vocab_size, "prompt")
+  prompt_BP = compiled.check_tokens(prompt, "prompt")
+  compiled.check_vocab(prompt_BP, model.config.vocab_size, "prompt")
   p, max_len = prompt_BP.shape[1], model.config.max_len
   if (not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool)
       or max_new_tokens < 1):
@@ -657,20 +470,14 @@ def generate(
         f"prompt length {p} + max_new_tokens {max_new_tokens} - 1 exceeds model.max_len="
         f"{max_len} (the KV cache length): ask for at most {max_len - p + 1} new tokens or "
         "shorten the prompt")
-  if not (isinstance(temperature, (int, float, np.floating)) and math.isfinite(temperature)
-          and temperature >= 0):
-    raise UserError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
-  if not isinstance(top_k, (int, np.integer)) or not 0 <= top_k <= model.config.vocab_size:
-    raise UserError(f"top_k={top_k!r} must be an integer in 0..{model.config.vocab_size} "
-                    "(0 = no filter)")
-  if top_k and temperature == 0:
-    raise UserError("top_k needs temperature > 0 (greedy decoding takes the top token)")
+  compiled.check_sampling(temperature, top_k, model.config.vocab_size)
   opts = _Options(exit_layers=layers, measure=measure, kv_policy=kv_policy,
                   batch_exit=batch_exit, max_pending=int(max_pending), prefill=p - 1,
                   num_steps=int(max_new_tokens), num_forced=p, sample=temperature > 0,
                   top_k=int(top_k), return_logits=bool(return_logits))
-  rng = _default_rng() if rng is None else rng
-  return _run(model, prompt_BP, threshold, np.float32(max(temperature, 1e-6)), rng, opts)
+  rng = compiled.default_rng() if rng is None else rng
+  return compiled.call(decode, model, prompt_BP, threshold,
+                       np.float32(max(temperature, 1e-6)), rng, opts=opts)
 
 
 def decode_teacher_forced(
@@ -704,8 +511,8 @@ def decode_teacher_forced(
   threshold = exits._check_threshold(threshold, measure)
   if threshold.ndim:
     raise UserError(f"threshold must be a scalar for decoding, got shape {threshold.shape}")
-  tokens_BT = _check_tokens(tokens, "tokens")
-  _check_vocab(tokens_BT, model.config.vocab_size, "tokens")
+  tokens_BT = compiled.check_tokens(tokens, "tokens")
+  compiled.check_vocab(tokens_BT, model.config.vocab_size, "tokens")
   t = tokens_BT.shape[1]
   if t > model.config.max_len:
     raise UserError(f"sequence length {t} exceeds model.max_len={model.config.max_len}: "
@@ -714,258 +521,5 @@ def decode_teacher_forced(
                   batch_exit=batch_exit, max_pending=int(max_pending), prefill=0,
                   num_steps=t, num_forced=t, sample=False, top_k=0,
                   return_logits=bool(return_logits))
-  return _run(model, tokens_BT, threshold, np.float32(1.0), _default_rng(), opts)
-
-
-def _check_vocab(tokens_BT: Array, vocab_size: int, what: str) -> None:
-  if isinstance(tokens_BT, jax.core.Tracer):
-    return
-  lo, hi = int(tokens_BT.min()), int(tokens_BT.max())
-  if lo < 0 or hi >= vocab_size:
-    raise UserError(f"{what} holds token id {lo if lo < 0 else hi}, outside the model's "
-                    f"vocabulary 0..{vocab_size - 1}")
-
-
-# ----------------------------------------------------------------------------------------
-# Compute accounting of a decode.
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeCost:
-  """FLOPs of a decode's steps (formulas of `exits`, per batch row, summed over steps).
-
-  Attributes:
-    full_depth: what full-depth decoding of the same positions costs.
-    ideal: the emulation's count for the rows' exit layers (`FlopCounter.token` under
-      the policy's emulated name): what a per-token engine with free skipping would pay.
-    executed: what this decoder ran: the batch's depth (`layers_run`) for every row,
-      `copy` key/value projections above it, the checks it ran, one final head when it
-      reached layer N, and the `recompute` catch-up layers.
-    mean_exit_layer: mean 1-based exit layer over rows and steps.
-    mean_layers_run: mean layers the batch ran per step for its own token.
-  """
-
-  full_depth: float
-  ideal: float
-  executed: float
-  mean_exit_layer: float
-  mean_layers_run: float
-
-  @property
-  def ideal_flops_speedup(self) -> float:
-    return self.full_depth / self.ideal
-
-  @property
-  def executed_flops_speedup(self) -> float:
-    return self.full_depth / self.executed
-
-
-def decode_cost(config: ModelConfig, result: DecodeResult, *, measure: str = "softmax",
-                kv_policy: str = "copy") -> DecodeCost:
-  """FLOP accounting of `result` (module docstring of `exits` for the formulas)."""
-  counter = exits.FlopCounter.from_config(config)
-  n = config.num_layers
-  exit_BM = np.asarray(result.exit_layer, np.float64)
-  b, m = exit_BM.shape
-  t_M = result.start + np.arange(m, dtype=np.float64)
-  layers = np.asarray(result.exit_layers, np.float64)
-  checks_BM = (exit_BM[..., None] >= layers).sum(-1) if len(layers) else np.zeros_like(exit_BM)
-  emulated = EMULATED_POLICY[kv_policy]
-  ideal = counter.token(t_M, exit_BM, checks_BM, measure=measure, kv_policy=emulated).sum()
-  run_M = np.asarray(result.layers_run, np.float64)
-  checks_M = np.asarray(result.checks, np.float64)
-  block_M = counter.block(t_M)
-  executed_M = run_M * block_M + np.asarray(result.recomputed_layers) * block_M
-  if kv_policy == "copy":
-    executed_M = executed_M + (n - run_M) * counter.kv
-  if measure in exits._LOGIT_MEASURES:
-    executed_M = executed_M + checks_M * counter.head + (run_M == n) * counter.head
-  else:
-    executed_M = executed_M + counter.head + checks_M * counter.cosine
-  return DecodeCost(
-      full_depth=float(b * counter.full_depth(t_M).sum()), ideal=float(ideal),
-      executed=float(b * executed_M.sum()), mean_exit_layer=float(exit_BM.mean()),
-      mean_layers_run=float(run_M.mean()))
-
-
-# ----------------------------------------------------------------------------------------
-# Text generation from a checkpoint, and the `deepexit-generate` binary.
-
-
-@dataclasses.dataclass(frozen=True)
-class TextGeneration:
-  """What `generate_text` returns (and `deepexit-generate` prints).
-
-  Attributes:
-    texts: the B generated continuations (without the prompt).
-    exit_layers: [B, M] int 1-based layer each generated token came from.
-    num_layers: N.
-    tokens_per_second: generated tokens (all rows) per second of the timed call, compile
-      excluded.
-    cost: the `DecodeCost` of the decode.
-    baseline_tokens_per_second: the same decode at full depth (same code, no exits), or
-      None if not asked for.
-  """
-
-  texts: list[str]
-  exit_layers: np.ndarray
-  num_layers: int
-  tokens_per_second: float
-  cost: DecodeCost
-  baseline_tokens_per_second: float | None = None
-
-
-def _timed(fn) -> tuple[Any, float]:
-  """Runs `fn` once to compile, then returns (result, seconds) of the best of two timed calls."""
-  import time
-
-  jax.block_until_ready(fn())
-  best = math.inf
-  for _ in range(2):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - start)
-  return out, best
-
-
-def generate_text(checkpoint_dir: str, prompt: str, max_new_tokens: int, threshold: float,
-                  *, exit_layers: Sequence[int] | None = None, batch: int = 1,
-                  baseline: bool = False, **kwargs) -> TextGeneration:
-  """Loads a checkpoint and continues `prompt` with early-exit decoding.
-
-  Args:
-    checkpoint_dir: a `deepexit-train` workdir or a `save_model` directory with a tokenizer.
-    prompt: the text to continue (at least one character the tokenizer knows).
-    max_new_tokens: tokens to generate.
-    threshold: confidence threshold (`inf` = never exit).
-    exit_layers: 1-based exit layers; None uses the run's configured ones (or layer N).
-    batch: decode this many copies of the prompt at once (a throughput figure; with
-      sampling the rows differ).
-    baseline: also time the full-depth decode of the same prompt.
-    **kwargs: measure, kv_policy, batch_exit, temperature, top_k, rng, max_pending
-      (see `generate`).
-
-  Returns:
-    A `TextGeneration`.
-  """
-  from deepexit_jax import checkpoint
-
-  ckpt = checkpoint.load_checkpoint(checkpoint_dir)
-  if ckpt.tokenizer is None:
-    raise UserError(f"{checkpoint_dir} has no tokenizer.json: generate from a deepexit-train "
-                    "workdir (or save_model(..., tokenizer=...))")
-  model, n = ckpt.model, ckpt.model.config.num_layers
-  if exit_layers is None:
-    exit_layers = tuple((ckpt.experiment or {}).get("exit_layers", (n,)))
-  if not prompt:
-    raise UserError("the prompt is empty: pass at least one character with --prompt")
-  ids = ckpt.tokenizer.encode(prompt)
-  unk = getattr(ckpt.tokenizer, "UNK_ID", None)
-  if unk is not None and (ids == unk).any():
-    unknown = sorted({c for c, i in zip(prompt, ids) if i == unk})
-    raise UserError(f"the prompt holds characters the model never saw in training "
-                    f"{''.join(unknown)!r}: remove or replace them")
-  if not isinstance(batch, int) or batch < 1:
-    raise UserError(f"batch={batch!r} must be an integer >= 1")
-  prompt_BP = np.tile(ids[None], (batch, 1))
-
-  def call(layers):
-    return lambda: generate(model, prompt_BP, max_new_tokens, threshold, exit_layers=layers,
-                            **kwargs)
-
-  result, seconds = _timed(call(exit_layers))
-  base_tps = None
-  if baseline:
-    _, base_seconds = _timed(call((n,)))
-    base_tps = batch * max_new_tokens / base_seconds
-  new_BM = np.asarray(result.new_tokens)
-  cost = decode_cost(model.config, result, measure=kwargs.get("measure", "softmax"),
-                     kv_policy=kwargs.get("kv_policy", "copy"))
-  return TextGeneration(
-      texts=[ckpt.tokenizer.decode(row) for row in new_BM],
-      exit_layers=np.asarray(result.exit_layer), num_layers=n,
-      tokens_per_second=batch * max_new_tokens / seconds, cost=cost,
-      baseline_tokens_per_second=base_tps)
-
-
-_LAYER_DIGITS = "123456789abcdefghijklmnopqrstuvwxyz"
-
-
-def exit_layer_lines(text: str, exit_layers: Sequence[int], width: int = 72) -> list[str]:
-  """The text in lines of `width` characters, each followed by a line of exit layers.
-
-  Layer k is written as one character under its token (1-9, then a, b, ... for 10, 11,
-  ...); newlines and tabs show as a visible symbol so the columns stay aligned.
-  """
-  shown = "".join({"\n": "\u21b5", "\t": "\u2192"}.get(c, c) for c in text)
-  digits = "".join(_LAYER_DIGITS[k - 1] if 1 <= k <= len(_LAYER_DIGITS) else "?"
-                   for k in exit_layers)
-  lines = []
-  for i in range(0, len(shown), width):
-    lines += [shown[i:i + width], digits[i:i + width]]
-  return lines
-
-
-def run() -> None:
-  """The `deepexit-generate` binary; flags are defined here so importing stays flag-free."""
-  from absl import flags
-
-  from deepexit_jax import cli
-
-  ckpt_flag = flags.DEFINE_string("checkpoint", None, "Workdir of a deepexit-train run.")
-  prompt_flag = flags.DEFINE_string("prompt", None, "Text to continue.")
-  new_flag = flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate.")
-  thr_flag = flags.DEFINE_float("threshold", 0.9, "Confidence threshold (inf = never exit).")
-  exits_flag = flags.DEFINE_list("exit_layers", None, "1-based exit layers (default: the "
-                                 "run's configured exit_layers).")
-  measure_flag = flags.DEFINE_enum("measure", "softmax", list(MEASURES), "Confidence measure.")
-  kv_flag = flags.DEFINE_enum("kv_policy", "copy", list(KV_POLICIES), "KV policy of "
-                              "skipped layers.")
-  batch_exit_flag = flags.DEFINE_enum("batch_exit", "sync", list(BATCH_EXITS),
-                                      "Batch rule: all rows exit together, or per row.")
-  batch_flag = flags.DEFINE_integer("batch", 1, "Decode this many copies of the prompt.")
-  temp_flag = flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.")
-  topk_flag = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens.")
-  seed_flag = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  show_flag = flags.DEFINE_bool("show_exits", False, "Print each token's exit layer under it.")
-  base_flag = flags.DEFINE_bool("baseline", False, "Also time full-depth decoding.")
-
-  def main(argv):
-    del argv
-    if not ckpt_flag.value:
-      raise UserError("--checkpoint is required: the --workdir of a deepexit-train run")
-    if prompt_flag.value is None:
-      raise UserError("--prompt is required: the text to continue")
-    try:
-      layers = [int(x) for x in exits_flag.value] if exits_flag.value else None
-    except ValueError:
-      raise UserError(f"--exit_layers={exits_flag.value} must be integers, e.g. 2 or 1,2,3"
-                      ) from None
-    cli.log_devices()
-    gen = generate_text(
-        ckpt_flag.value, prompt_flag.value, new_flag.value, thr_flag.value,
-        exit_layers=layers, batch=batch_flag.value, baseline=base_flag.value,
-        measure=measure_flag.value, kv_policy=kv_flag.value,
-        batch_exit=batch_exit_flag.value, temperature=temp_flag.value, top_k=topk_flag.value,
-        rng=jax.random.key(seed_flag.value))
-    for b, text in enumerate(gen.texts):
-      if len(gen.texts) > 1:
-        print(f"--- row {b}")
-      if show_flag.value:
-        print("\n".join(exit_layer_lines(text, gen.exit_layers[b].tolist())))
-      else:
-        print(prompt_flag.value + text)
-    c = gen.cost
-    print(f"tokens/s {gen.tokens_per_second:,.0f} | mean exit layer {c.mean_exit_layer:.2f} "
-          f"of {gen.num_layers} | mean layers run {c.mean_layers_run:.2f} | FLOPs "
-          f"{100 * c.executed / c.full_depth:.1f}% of full depth")
-    if gen.baseline_tokens_per_second is not None:
-      print(f"full depth tokens/s {gen.baseline_tokens_per_second:,.0f} | measured speedup "
-            f"{gen.tokens_per_second / gen.baseline_tokens_per_second:.2f}x | ideal (FLOPs) "
-            f"{c.full_depth / c.executed:.2f}x")
-
-  cli.run_main(main)
-
-
-if __name__ == "__main__":
-  run()
+  return compiled.call(decode, model, tokens_BT, threshold, np.float32(1.0),
+                       compiled.default_rng(), opts=opts)

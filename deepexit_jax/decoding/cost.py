@@ -1,0 +1,118 @@
+"""Compute accounting of decodes, in the formulas of `exits.FlopCounter` (the emulation's)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from deepexit_jax import exits
+from deepexit_jax.decoding.early_exit import EMULATED_POLICY, DecodeResult
+from deepexit_jax.model import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeCost:
+  """FLOPs of a decode's steps (formulas of `exits`, per batch row, summed over steps).
+
+  Attributes:
+    full_depth: what full-depth decoding of the same positions costs.
+    ideal: the emulation's count for the rows' exit layers (`FlopCounter.token` under
+      the policy's emulated name): what a per-token engine with free skipping would pay.
+    executed: what this decoder ran: the batch's depth (`layers_run`) for every row,
+      `copy` key/value projections above it, the checks it ran, one final head when it
+      reached layer N, and the `recompute` catch-up layers.
+    mean_exit_layer: mean 1-based exit layer over rows and steps.
+    mean_layers_run: mean layers the batch ran per step for its own token.
+  """
+
+  full_depth: float
+  ideal: float
+  executed: float
+  mean_exit_layer: float
+  mean_layers_run: float
+
+  @property
+  def ideal_flops_speedup(self) -> float:
+    return self.full_depth / self.ideal
+
+  @property
+  def executed_flops_speedup(self) -> float:
+    return self.full_depth / self.executed
+
+
+def decode_cost(config: ModelConfig, result: DecodeResult, *, measure: str = "softmax",
+                kv_policy: str = "copy") -> DecodeCost:
+  """FLOP accounting of `result` (module docstring of `exits` for the formulas)."""
+  counter = exits.FlopCounter.from_config(config)
+  n = config.num_layers
+  exit_BM = np.asarray(result.exit_layer, np.float64)
+  b, m = exit_BM.shape
+  t_M = result.start + np.arange(m, dtype=np.float64)
+  layers = np.asarray(result.exit_layers, np.float64)
+  checks_BM = (exit_BM[..., None] >= layers).sum(-1) if len(layers) else np.zeros_like(exit_BM)
+  emulated = EMULATED_POLICY[kv_policy]
+  ideal = counter.token(t_M, exit_BM, checks_BM, measure=measure, kv_policy=emulated).sum()
+  run_M = np.asarray(result.layers_run, np.float64)
+  checks_M = np.asarray(result.checks, np.float64)
+  block_M = counter.block(t_M)
+  executed_M = run_M * block_M + np.asarray(result.recomputed_layers) * block_M
+  if kv_policy == "copy":
+    executed_M = executed_M + (n - run_M) * counter.kv
+  if measure in exits._LOGIT_MEASURES:
+    executed_M = executed_M + checks_M * counter.head + (run_M == n) * counter.head
+  else:
+    executed_M = executed_M + counter.head + checks_M * counter.cosine
+  return DecodeCost(
+      full_depth=float(b * counter.full_depth(t_M).sum()), ideal=float(ideal),
+      executed=float(b * executed_M.sum()), mean_exit_layer=float(exit_BM.mean()),
+      mean_layers_run=float(run_M.mean()))
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeCost:
+  """FLOPs of a self-speculative decode (`exits.FlopCounter`'s formulas), summed over rows.
+
+  Attributes:
+    full_depth: full-depth decoding of the same positions (the new tokens' P - 1 ..
+      P + M - 2), one head each, as `decode_cost` counts it.
+    executed: what the decoder ran for every row of the batch: each draft iteration's
+      layers 1..E (with its head, except the last iteration of a full-length draft, which
+      only feeds the verification), and each verification's layers E+1..N and head on
+      all draft_len + 1 rows. Finished rows still ride along in their batch's cycles.
+    verifications: full-depth passes (the batch's cycles, times rows).
+  """
+
+  full_depth: float
+  executed: float
+  verifications: int
+
+  @property
+  def flops_ratio(self) -> float:
+    """executed / full depth (< 1: speculation ran fewer FLOPs)."""
+    return self.executed / self.full_depth
+
+
+def speculative_cost(config: ModelConfig, result) -> SpeculativeCost:
+  """FLOP accounting of a `SpeculativeResult` (module docstring of `exits` for formulas)."""
+  counter = exits.FlopCounter.from_config(config)
+  n, e, k = config.num_layers, result.draft_layer, result.draft_len
+  iters_C = np.asarray(result.draft_iterations, np.int64)
+  ran_C = iters_C > 0
+  b = np.asarray(result.tokens).shape[0]
+  m = np.asarray(result.tokens).shape[1] - result.prompt_len
+  # Every row of the batch runs every cycle, at its own positions (a finished row at its
+  # final length).
+  length_CB = np.asarray(result.cycle_length, np.float64)[ran_C]
+  final_B = np.full(b, result.prompt_len + m, np.float64)
+  length_CB = np.where(length_CB > 0, length_CB, final_B[None])
+  executed = 0.0
+  for iters, length_B in zip(iters_C[ran_C], length_CB):
+    j_J = np.arange(iters)
+    draft_t = length_B[:, None] - 1 + j_J[None]
+    executed += e * counter.block(draft_t).sum() + b * min(iters, k) * counter.head
+    verify_t = length_B[:, None] - 1 + np.arange(k + 1)[None]
+    executed += (n - e) * counter.block(verify_t).sum() + b * (k + 1) * counter.head
+  t_M = result.prompt_len - 1 + np.arange(m, dtype=np.float64)
+  return SpeculativeCost(full_depth=float(b * counter.full_depth(t_M).sum()),
+                         executed=float(executed), verifications=int(ran_C.sum()) * b)

@@ -1,0 +1,412 @@
+"""Self-speculative decoding: layers 1..E and the shared exit head draft, layers E+1..N verify.
+
+Shapes (suffixes on locals): B batch, P prompt length, M new tokens per row, W = P + M +
+K + 1 token-buffer width, S cache length (= config.max_len), D width, H heads, K head
+width (a `_k` suffix) or draft length (`draft_len`), R = draft_len + 1 verified rows per
+cycle, V vocabulary, C cycles (at most M: every cycle commits at least one token).
+
+A row's state between cycles is its committed length L (the prompt plus accepted
+tokens) and every layer's KV cache, valid for positions < L - 1: the newest token (at
+L - 1) has not been run by any layer yet. One cycle (LayerSkip, Elhoushi et al. 2024):
+
+  draft    iteration j = 0, 1, ... runs the token at position L - 1 + j (the newest
+           token, then the drafts) through layers 1..E (`Block.extend_one`), writes those
+           layers' keys/values, keeps the layer-E state (the exit-query cache) and, while
+           the row still drafts, applies the exit head and drafts the next token (argmax
+           or a sample of q). A row stops drafting after `draft_len` tokens, when it has
+           as many as it still needs, or (adaptive) when the draft's confidence falls
+           below `draft_threshold` (Kangaroo / SWIFT). The loop runs while any row still
+           has a drafted token that layers 1..E have not seen (at most draft_len + 1
+           iterations; a `lax.while_loop`, so a batch that stops early stops paying).
+  verify   layers E+1..N run all R positions L - 1 .. L - 1 + draft_len at once from the
+           cached layer-E states (`Block.extend`: layers 1..E are not recomputed), write
+           their keys/values and apply the head: the full model's logits p at every
+           drafted position and one past it.
+  accept   greedy: the longest prefix of drafts equal to argmax p, then argmax p at the
+           first mismatch (the correction) or after the last draft (the bonus token).
+           Sampling (Leviathan et al. 2023; Chen et al. 2023): draft x_i is accepted with
+           probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection the token is
+           drawn from normalize(max(0, p_i - q_i)), after k acceptances from p_{k+1}; with
+           temperature / top-k, p and q are the transformed distributions. The output is
+           then distributed exactly as sampling the full model.
+  rollback the row's length becomes L + accepted + 1. Nothing is erased: cache positions
+           >= the new L - 1 are never read before they are rewritten (draft attention
+           reads positions < its own; verification reads cache positions < L - 1 and
+           takes newer keys/values from its own rows).
+
+Batches: each row accepts its own prefix and advances its own length (per-row positions
+in every cache read and write); a finished row drafts nothing and stops counting, and the
+whole decode is one `lax.while_loop` over cycles, so compile time does not depend on M.
+The prompt (all but its last token) is prefilled at full depth, as in `generate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepexit_jax import exits
+from deepexit_jax.decoding import compiled
+from deepexit_jax.errors import UserError
+from deepexit_jax.model import DeepSupervisionTransformer
+
+Array = jax.Array
+
+# Draft-confidence measures for adaptive drafting (larger = more confident).
+DRAFT_MEASURES = ("softmax", "margin", "entropy", "state")
+
+
+@flax.struct.dataclass
+class SpeculativeResult:
+  """What `speculative_generate` returns; C = cycles of the batch (<= M).
+
+  Attributes:
+    tokens: int32 [B, P + M]: the prompt, then exactly M new tokens per row.
+    cycle_length: int32 [C, B] each row's committed length L at the start of each cycle
+      of the batch (0 for cycles the row did not take part in: it was done, or the batch
+      had stopped).
+    drafted: int32 [C, B] tokens the row drafted in each cycle.
+    accepted: int32 [C, B] drafted tokens the verification accepted.
+    draft_iterations: int32 [C] iterations of the draft loop the batch ran (0 = no cycle).
+    prompt_len, draft_layer, draft_len: the call's P, E and k (static).
+  """
+
+  tokens: Array
+  cycle_length: Array
+  drafted: Array
+  accepted: Array
+  draft_iterations: Array
+  prompt_len: int = flax.struct.field(pytree_node=False, default=0)
+  draft_layer: int = flax.struct.field(pytree_node=False, default=0)
+  draft_len: int = flax.struct.field(pytree_node=False, default=0)
+
+  @property
+  def new_tokens(self) -> Array:
+    """[B, M] the generated tokens."""
+    return self.tokens[:, self.prompt_len:]
+
+  @property
+  def cycles(self) -> np.ndarray:
+    """[B] verification passes each row took."""
+    return (np.asarray(self.cycle_length) > 0).sum(0)
+
+  @property
+  def acceptance_rate(self) -> float:
+    """Accepted drafted tokens / drafted tokens, over all rows (NaN if nothing was drafted)."""
+    drafted = int(np.asarray(self.drafted).sum())
+    return int(np.asarray(self.accepted).sum()) / drafted if drafted else math.nan
+
+  @property
+  def tokens_per_cycle(self) -> float:
+    """Mean new tokens per verification pass, over all rows."""
+    return float(np.asarray(self.new_tokens).size / self.cycles.sum())
+
+  @property
+  def num_cycles(self) -> int:
+    """Cycles the batch ran (the slowest row's)."""
+    return int((np.asarray(self.draft_iterations) > 0).sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+  draft_layer: int
+  draft_len: int
+  prompt_len: int
+  num_new: int
+  sample: bool
+  top_k: int  # 0 = no filter
+  adaptive: bool  # stop a row's draft when its confidence < the threshold
+  measure: str
+
+
+@flax.struct.dataclass
+class _Draft:
+  """The draft loop's carry.
+
+  Attributes:
+    j: the iteration (0-based): it runs the token at position L - 1 + j.
+    more_B: the row drafted at iteration j - 1 (so it needs iteration j).
+    num_B: drafted tokens so far.
+    tokens_BR: [x_0 (the newest token), x_1, ..., x_k (drafts)].
+    h_BRD: layer-E output state at each iteration.
+    logq_BRV: log q at each iteration (sampling only, else [B, R, 0]): row j is the
+      distribution draft x_{j+1} was drawn from.
+    caches: (keys, values) [B, S, H, K] of layers 1..E.
+    rows: the keys/values [B, H, K] of layers 1..E of the previous iteration's token,
+      not yet written (`_write`'s note), and their positions [B].
+  """
+
+  j: Array
+  more_B: Array
+  num_B: Array
+  tokens_BR: Array
+  h_BRD: Array
+  logq_BRV: Array
+  caches: list
+  rows: tuple
+
+
+def _log_probs(logits_XV: Array, temperature: Array, top_k: int) -> Array:
+  """log softmax of logits / temperature, restricted to the top-k (ties kept) when top_k."""
+  logits_XV = logits_XV / temperature
+  if top_k:
+    kth_X1 = jax.lax.top_k(logits_XV, top_k)[0][..., -1:]
+    logits_XV = jnp.where(logits_XV < kth_X1, -jnp.inf, logits_XV)
+  return jax.nn.log_softmax(logits_XV, axis=-1)
+
+
+def _draft_confidence(measure: str, logits_BV: Array, h_in_BD: Array, h_out_BD: Array
+                      ) -> Array:
+  if measure == "softmax":
+    return exits.softmax_confidence(logits_BV)
+  if measure == "margin":
+    return exits.margin_confidence(logits_BV)
+  if measure == "entropy":
+    return exits.entropy_confidence(logits_BV)
+  return exits.state_confidence(h_in_BD, h_out_BD)
+
+
+def _write(caches: list, rows: tuple) -> list:
+  """Writes pending rows (keys/values [B, (X,) H, K] per layer) at their per-row positions
+  ([B] or [B, X]); positions >= S are dropped.
+
+  Like `generate`, the decoder never writes a cache right after reading it: a layer call
+  returns its rows, and they are written at the start of the NEXT call that reads that
+  cache (so a read never precedes a write of the same buffer in one loop iteration;
+  otherwise XLA copies every cache buffer on every iteration).
+  """
+  kv, pos_BX = rows
+  b_B = jnp.arange(pos_BX.shape[0]).reshape((-1,) + (1,) * (pos_BX.ndim - 1))
+  return [(k.at[b_B, pos_BX].set(rk.astype(k.dtype), mode="drop"),
+           v.at[b_B, pos_BX].set(rv.astype(v.dtype), mode="drop"))
+          for (k, v), (rk, rv) in zip(caches, kv)]
+
+
+def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array, threshold: Array,
+                       temperature: Array, rng: Array, *, opts: _Options) -> SpeculativeResult:
+  """The traced self-speculative decoder (module docstring); `speculative_generate` jits it."""
+  cfg = model.config
+  n, e, kd = cfg.num_layers, opts.draft_layer, opts.draft_len
+  s, nh, hk, d, v = cfg.max_len, cfg.num_heads, cfg.head_dim, cfg.dim, cfg.vocab_size
+  b, p = prompt_BP.shape
+  total, r = p + opts.num_new, kd + 1
+  width = total + r
+  blocks = [model.layer(i) for i in range(n)]  # Weights sliced once, outside the loops.
+  b_B = jnp.arange(b)
+  r_R = jnp.arange(r)
+
+  zeros_BSHK = jnp.zeros((b, s, nh, hk), jnp.float32)
+  caches = [(zeros_BSHK, zeros_BSHK) for _ in range(n)]
+  if p > 1:  # The prompt but its last token, at full depth.
+    pos_Q = jnp.arange(p - 1)
+    h_BQD = model.embed_tokens(prompt_BP[:, :p - 1], pos_Q[None])
+    no_cache_1QS = jnp.zeros((1, p - 1, s), bool)
+    causal_1QQ = (pos_Q[:, None] >= pos_Q[None, :])[None]
+    for i in range(n):
+      h_BQD, k_BQHK, v_BQHK = blocks[i].extend(h_BQD, caches[i], no_cache_1QS, causal_1QQ)
+      caches[i] = (zeros_BSHK.at[:, :p - 1].set(k_BQHK), zeros_BSHK.at[:, :p - 1].set(v_BQHK))
+
+  def draft_step(st: _Draft, length_B: Array, key: Array) -> _Draft:
+    """Iteration j: the token at L - 1 + j through layers 1..E; maybe draft the next."""
+    j = st.j
+    pos_B = length_B - 1 + j
+    tok_B = st.tokens_BR[:, j]
+    h_BD = model.embed_tokens(tok_B[:, None], jnp.minimum(pos_B, s - 1)[:, None])[:, 0]
+    caches = _write(st.caches, st.rows)
+    h_in_BD, kv = h_BD, []
+    for i in range(e):
+      h_in_BD = h_BD
+      h_BD, k_BHK, v_BHK = blocks[i].extend_one(h_BD, caches[i], pos_B)
+      kv.append((k_BHK, v_BHK))
+    # The head only while some row may still draft (iteration draft_len never drafts).
+    logits_BV = jax.lax.cond(j < kd, model.head,
+                             lambda h: jnp.zeros((b, v), jnp.float32), h_BD)
+    if opts.sample:
+      logq_BV = _log_probs(logits_BV, temperature, opts.top_k)
+      next_B = jax.random.categorical(jax.random.fold_in(key, j), logq_BV).astype(jnp.int32)
+    else:
+      next_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)
+    # Never more drafts than the row still needs beyond the token every cycle commits.
+    cap_B = jnp.clip(total - length_B - 1, 0, kd)
+    keep_B = st.more_B & (j < cap_B)
+    if opts.adaptive:
+      keep_B = keep_B & (_draft_confidence(opts.measure, logits_BV, h_in_BD, h_BD) >= threshold)
+    logq_BRV = st.logq_BRV
+    if opts.sample:  # Slot draft_len (the last iteration's) is never read.
+      logq_BRV = jax.lax.dynamic_update_index_in_dim(logq_BRV, logq_BV, j, 1)
+    return _Draft(
+        j=j + 1, more_B=keep_B, num_B=jnp.where(keep_B, j + 1, st.num_B),
+        tokens_BR=st.tokens_BR.at[:, jnp.minimum(j + 1, kd)].set(
+            jnp.where(keep_B, next_B, st.tokens_BR[:, jnp.minimum(j + 1, kd)])),
+        h_BRD=jax.lax.dynamic_update_index_in_dim(st.h_BRD, h_BD, j, 1),
+        logq_BRV=logq_BRV, caches=caches, rows=(kv, pos_B))
+
+  def cycle(carry: dict) -> dict:
+    c, length_B, tokens_BW = carry["c"], carry["length"], carry["tokens"]
+    active_B = length_B < total
+    key = jax.random.fold_in(rng, c)
+    caches = carry["caches"]
+
+    # Draft.
+    newest_B = tokens_BW[b_B, length_B - 1]
+    st = _Draft(
+        j=jnp.int32(0), more_B=active_B, num_B=jnp.zeros((b,), jnp.int32),
+        tokens_BR=jnp.zeros((b, r), jnp.int32).at[:, 0].set(newest_B),
+        h_BRD=jnp.zeros((b, r, d), jnp.float32),
+        logq_BRV=jnp.zeros((b, r, v if opts.sample else 0), jnp.float32),
+        caches=list(caches[:e]), rows=carry["draft_rows"])
+    st = jax.lax.while_loop(lambda st: jnp.any(st.more_B) & (st.j <= kd),
+                            lambda st: draft_step(st, length_B, key), st)
+    caches = list(st.caches) + _write(caches[e:], carry["verify_rows"])
+
+    # Verify: layers E+1..N on all R positions from the cached layer-E states.
+    pos_BR = length_B[:, None] - 1 + r_R[None]
+    cache_mask_BRS = (jnp.arange(s)[None, None] < (length_B - 1)[:, None, None])
+    causal_1RR = (r_R[:, None] >= r_R[None, :])[None]
+    h_BRD, kv = st.h_BRD, []
+    for i in range(e, n):
+      h_BRD, k_BRHK, v_BRHK = blocks[i].extend(h_BRD, caches[i], cache_mask_BRS, causal_1RR)
+      kv.append((k_BRHK, v_BRHK))
+    logits_BRV = model.head(h_BRD)
+
+    # Accept.
+    drafts_BK = st.tokens_BR[:, 1:]
+    valid_BK = jnp.arange(kd)[None] < st.num_B[:, None]
+    if opts.sample:
+      logp_BRV = _log_probs(logits_BRV, temperature, opts.top_k)
+      logp_BK = jnp.take_along_axis(logp_BRV[:, :kd], drafts_BK[..., None], -1)[..., 0]
+      logq_BK = jnp.take_along_axis(st.logq_BRV[:, :kd], drafts_BK[..., None], -1)[..., 0]
+      u_BK = jax.random.uniform(jax.random.fold_in(key, kd + 1), (b, kd))
+      ok_BK = u_BK < jnp.exp(jnp.minimum(logp_BK - logq_BK, 0.0))
+    else:
+      ok_BK = drafts_BK == jnp.argmax(logits_BRV[:, :kd], -1)
+    acc_B = jnp.sum(jnp.cumprod(ok_BK & valid_BK, axis=1), axis=1).astype(jnp.int32)
+    at_B1 = acc_B[:, None, None]
+    if opts.sample:
+      logp_BV = jnp.take_along_axis(logp_BRV, at_B1, 1)[:, 0]
+      logq_BV = jnp.take_along_axis(st.logq_BRV, at_B1, 1)[:, 0]
+      # After a rejection: normalize(max(0, p - q)); after k acceptances: p.
+      resid_BV = jnp.maximum(jnp.exp(logp_BV) - jnp.exp(logq_BV), 0.0)
+      use_p_B1 = ((acc_B >= st.num_B) | (jnp.sum(resid_BV, -1) <= 0))[:, None]
+      final_logits_BV = jnp.where(use_p_B1, logp_BV, jnp.log(resid_BV))
+      final_B = jax.random.categorical(jax.random.fold_in(key, kd + 2), final_logits_BV)
+    else:
+      final_B = jnp.argmax(jnp.take_along_axis(logits_BRV, at_B1, 1)[:, 0], -1)
+
+    # Commit: accepted drafts, then the final token; rows that were done write nothing.
+    new_BR = jnp.concatenate([drafts_BK, jnp.zeros((b, 1), jnp.int32)], 1)
+    new_BR = jnp.where(r_R[None] == acc_B[:, None], final_B.astype(jnp.int32)[:, None], new_BR)
+    write_BR = (r_R[None] <= acc_B[:, None]) & active_B[:, None]
+    tokens_BW = tokens_BW.at[b_B[:, None], jnp.where(write_BR, length_B[:, None] + r_R[None],
+                                                     width)].set(new_BR, mode="drop")
+    out = dict(carry, c=c + 1, tokens=tokens_BW, caches=caches, draft_rows=st.rows,
+               verify_rows=(kv, pos_BR),
+               length=jnp.where(active_B, length_B + acc_B + 1, length_B))
+    for name, value in (("cycle_length", jnp.where(active_B, length_B, 0)),
+                        ("drafted", jnp.where(active_B, st.num_B, 0)),
+                        ("accepted", jnp.where(active_B, acc_B, 0))):
+      out[name] = carry[name].at[c].set(value)
+    out["draft_iterations"] = carry["draft_iterations"].at[c].set(st.j)
+    return out
+
+  m = opts.num_new
+  zeros_BHK = jnp.zeros((b, nh, hk), jnp.float32)
+  zeros_BRHK = jnp.zeros((b, r, nh, hk), jnp.float32)
+  nowhere_B = jnp.full((b,), s, jnp.int32)  # Pending rows at position S are dropped.
+  carry = {
+      "draft_rows": ([(zeros_BHK, zeros_BHK)] * e, nowhere_B),
+      "verify_rows": ([(zeros_BRHK, zeros_BRHK)] * (n - e),
+                      jnp.broadcast_to(nowhere_B[:, None], (b, r))),
+      "c": jnp.int32(0), "length": jnp.full((b,), p, jnp.int32),
+      "tokens": jnp.zeros((b, width), jnp.int32).at[:, :p].set(prompt_BP), "caches": caches,
+      "cycle_length": jnp.zeros((m, b), jnp.int32), "drafted": jnp.zeros((m, b), jnp.int32),
+      "accepted": jnp.zeros((m, b), jnp.int32), "draft_iterations": jnp.zeros((m,), jnp.int32),
+  }
+  carry = jax.lax.while_loop(lambda c: jnp.any(c["length"] < total), cycle, carry)
+  return SpeculativeResult(
+      tokens=carry["tokens"][:, :total], cycle_length=carry["cycle_length"],
+      drafted=carry["drafted"], accepted=carry["accepted"],
+      draft_iterations=carry["draft_iterations"], prompt_len=p, draft_layer=e,
+      draft_len=kd)
+
+
+def speculative_generate(
+    model: DeepSupervisionTransformer,
+    prompt: Array,
+    max_new_tokens: int,
+    *,
+    draft_layer: int,
+    draft_len: int = 4,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    rng: Array | None = None,
+    draft_threshold: float | None = None,
+    draft_measure: str = "softmax",
+) -> SpeculativeResult:
+  """Generates tokens by self-speculation: exactly the full model's greedy tokens (or, when
+  sampling, exactly its distribution), several tokens per full-depth pass.
+
+  Layers 1..`draft_layer` and the shared exit head draft up to `draft_len` tokens; layers
+  above verify them all in one pass (module docstring). One jitted call; `temperature`
+  and `draft_threshold` are traced (new values never recompile).
+
+  Args:
+    model: a `DeepSupervisionTransformer` trained with a loss at `draft_layer` (any model
+      works; acceptance is what training at that layer buys).
+    prompt: int [B, P] (or [P]) token ids; every row has the same length P >= 1.
+    max_new_tokens: M >= 1 new tokens per row; P + M - 1 <= config.max_len.
+    draft_layer: E, 1 <= E < N: the layer whose exit drafts.
+    draft_len: k >= 1: most tokens drafted per cycle.
+    temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
+    top_k: sample among the k most likely tokens (0 = all); needs temperature > 0.
+    rng: PRNG key for sampling (default `jax.random.key(0)`).
+    draft_threshold: adaptive drafting: a row stops drafting when the draft's confidence
+      (`draft_measure`) falls below this (None = always draft `draft_len`).
+    draft_measure: "softmax", "margin", "entropy" or "state" (as in `predict_with_exit`).
+
+  Returns:
+    A `SpeculativeResult`; `speculative_cost(model.config, result)` gives its FLOPs.
+  """
+  if not isinstance(model, DeepSupervisionTransformer):
+    raise UserError(f"model must be a DeepSupervisionTransformer, got {type(model).__name__}")
+  cfg = model.config
+  n = cfg.num_layers
+  if n < 2:
+    raise UserError("self-speculative decoding needs a model of at least 2 layers (layers "
+                    "1..E draft, the rest verify)")
+  e = compiled.check_count(draft_layer, "draft_layer",
+                           hint=f" and below the model's {n} layers: the layer that drafts")
+  if e >= n:
+    raise UserError(f"draft_layer={e} must be below the model's {n} layers (1..{n - 1}): the "
+                    "layers above it verify")
+  k = compiled.check_count(draft_len, "draft_len", hint=" (tokens drafted per cycle)")
+  prompt_BP = compiled.check_tokens(prompt, "prompt")
+  compiled.check_vocab(prompt_BP, cfg.vocab_size, "prompt")
+  p = prompt_BP.shape[1]
+  m = compiled.check_count(max_new_tokens, "max_new_tokens")
+  if p + m - 1 > cfg.max_len:
+    raise UserError(
+        f"prompt length {p} + max_new_tokens {m} - 1 exceeds model.max_len={cfg.max_len} (the "
+        f"KV cache length): ask for at most {cfg.max_len - p + 1} new tokens or shorten the "
+        "prompt")
+  compiled.check_sampling(temperature, top_k, cfg.vocab_size)
+  if draft_measure not in DRAFT_MEASURES:
+    raise UserError(f"unknown draft_measure={draft_measure!r}: choose one of "
+                    f"{', '.join(DRAFT_MEASURES)}")
+  adaptive = draft_threshold is not None
+  if adaptive:
+    threshold = exits._check_threshold(draft_threshold, draft_measure)
+    if threshold.ndim:
+      raise UserError(f"draft_threshold must be a scalar, got shape {threshold.shape}")
+  else:
+    threshold = np.float32(-np.inf)
+  opts = _Options(draft_layer=e, draft_len=k, prompt_len=p, num_new=m, sample=temperature > 0,
+                  top_k=int(top_k), adaptive=adaptive, measure=draft_measure)
+  rng = compiled.default_rng() if rng is None else rng
+  return compiled.call(speculative_decode, model, prompt_BP, threshold,
+                       np.float32(max(temperature, 1e-6)), rng, opts=opts)

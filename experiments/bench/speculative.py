@@ -1,0 +1,103 @@
+"""Self-speculative decoding vs full-depth greedy decoding: wall time, same prompts and tokens.
+
+Greedy. Both decoders are compiled and warmed first; then every round times the
+full-depth `generate` (the same decoder the early-exit benchmark uses, no exit layer)
+and each speculative setting once, in turn (interleaved, so a drifting host slows all
+alike); figures are medians over rounds. `identical` says whether the two decoders'
+tokens are equal (they must be: speculation is lossless).
+
+Run from the repository root:
+  python experiments/bench/speculative.py --checkpoint=runs/decoding/deep
+  python experiments/bench/speculative.py --checkpoint=DIR --draft_layer=2 --draft_len=4
+Without --draft_layer/--draft_len it times a small grid and reports the fastest setting
+(saying which). Prints one line per setting, then one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from deepexit_jax import checkpoint, data, decoding
+
+_CKPT = flags.DEFINE_string("checkpoint", None, "A deepexit-train workdir.", required=True)
+_BATCH = flags.DEFINE_integer("batch", 1, "Prompts decoded at once.")
+_LAYER = flags.DEFINE_integer("draft_layer", None, "E (default: a grid).")
+_LEN = flags.DEFINE_integer("draft_len", None, "k (default: a grid).")
+_THR = flags.DEFINE_float("draft_threshold", None, "Adaptive drafting threshold (softmax).")
+_NEW = flags.DEFINE_integer("new_tokens", 96, "New tokens per row.")
+_PROMPT = flags.DEFINE_integer("prompt_len", 16, "Prompt characters.")
+_ROUNDS = flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
+
+
+def prompts(ckpt: checkpoint.Checkpoint, batch: int, length: int) -> np.ndarray:
+  """`batch` prompts of `length` validation tokens, spread over the validation text."""
+  cfg = data.DataConfig.from_dict(ckpt.experiment["data"])
+  val = data.prepare_dataset(cfg, tokenizer=ckpt.tokenizer).val_tokens
+  starts = np.linspace(0, len(val) - length - 1, batch).astype(int)
+  return np.stack([val[s:s + length] for s in starts]).astype(np.int32)
+
+
+def grid(num_layers: int) -> list[tuple[int, int]]:
+  layers = sorted({max(1, num_layers // 4), max(1, num_layers // 2)} - {num_layers})
+  return [(e, k) for e in layers for k in (2, 4, 6)]
+
+
+def main(argv):
+  del argv
+  ckpt = checkpoint.load_checkpoint(_CKPT.value)
+  model = ckpt.model
+  n = model.config.num_layers
+  prompt_BP = prompts(ckpt, _BATCH.value, _PROMPT.value)
+  m = _NEW.value
+  if (_LAYER.value is None) != (_LEN.value is None):
+    raise app.UsageError("give both --draft_layer and --draft_len, or neither (a grid)")
+  settings = grid(n) if _LAYER.value is None else [(_LAYER.value, _LEN.value)]
+  runs = {"full": lambda: decoding.generate(model, prompt_BP, m, np.inf, exit_layers=(n,))}
+  for e, k in settings:
+    runs[(e, k)] = (lambda e=e, k=k: decoding.speculative_generate(
+        model, prompt_BP, m, draft_layer=e, draft_len=k, draft_threshold=_THR.value))
+  results = {key: jax.block_until_ready(fn()) for key, fn in runs.items()}  # Compile.
+  for fn in runs.values():
+    jax.block_until_ready(fn())  # Warm.
+  times = {key: [] for key in runs}
+  for _ in range(_ROUNDS.value):
+    for key, fn in runs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[key].append(time.perf_counter() - start)
+  base_s = statistics.median(times["full"])
+  full_tokens = np.asarray(results["full"].tokens)
+  rows = []
+  for e, k in settings:
+    res = results[(e, k)]
+    sec = statistics.median(times[(e, k)])
+    cost = decoding.speculative_cost(model.config, res)
+    row = {"draft_layer": e, "draft_len": k, "draft_threshold": _THR.value,
+           "speedup": base_s / sec, "tokens_per_s": prompt_BP.shape[0] * m / sec,
+           "baseline_tokens_per_s": prompt_BP.shape[0] * m / base_s,
+           "acceptance_rate": res.acceptance_rate, "tokens_per_cycle": res.tokens_per_cycle,
+           "identical": bool(np.array_equal(np.asarray(res.tokens), full_tokens)),
+           "flops_ratio": cost.flops_ratio, "seconds": sec, "baseline_seconds": base_s,
+           "min_seconds": min(times[(e, k)]), "baseline_min_seconds": min(times["full"])}
+    rows.append(row)
+    print(f"E={e} k={k}: {row['speedup']:.2f}x ({row['tokens_per_s']:,.0f} vs "
+          f"{row['baseline_tokens_per_s']:,.0f} tokens/s), acceptance "
+          f"{row['acceptance_rate']:.2f}, {row['tokens_per_cycle']:.2f} tokens/cycle, FLOPs "
+          f"{row['flops_ratio']:.2f}x, identical={row['identical']}")
+  best = max(rows, key=lambda r: r["speedup"])
+  out = dict(best, checkpoint=_CKPT.value, batch=_BATCH.value, new_tokens=m,
+             prompt_len=_PROMPT.value, rounds=_ROUNDS.value, backend=jax.default_backend(),
+             chosen_from_grid=len(settings) > 1, grid=rows if len(settings) > 1 else None)
+  if len(settings) > 1:
+    print(f"best of the grid: draft_layer={best['draft_layer']} draft_len={best['draft_len']}")
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  app.run(main)
