@@ -33,6 +33,9 @@ from deepexit_jax.tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer
 # the training function is exported as `train_model`.
 _ALIASES = {"train_model": ("deepexit_jax.train", "train")}
 _LAZY = {"run_sweep": "deepexit_jax.sweep",
+         "Calibration": "deepexit_jax.calibration",
+         "calibrate_threshold": "deepexit_jax.calibration",
+         "collect_exit_losses": "deepexit_jax.calibration",
          "SweepReport": "deepexit_jax.sweep", "SweepRow": "deepexit_jax.sweep",
          **{name: "deepexit_jax.probes" for name in (
              "Collection", "ProbeStudy", "SaturationProbe", "collect", "fit_probe",
@@ -53,6 +56,9 @@ def __getattr__(name):
   raise AttributeError(f"module 'deepexit_jax' has no attribute {name!r}")
 
 __all__ = [
+    "Calibration",
+    "calibrate_threshold",
+    "collect_exit_losses",
     "DecodeCost",
     "DecodeResult",
     "decode_cost",

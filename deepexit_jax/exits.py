@@ -23,12 +23,21 @@ Confidence measures (larger = more confident) and their ranges:
   probe    a user `ConfidenceProbe`, range defined by the probe.
 NaN thresholds are rejected, and so are negative ones for softmax, margin and state.
 
-Position-dependent threshold (`threshold_decay` = tau >= 0, 0 = constant). CALM uses
-lambda_t = clip(0.9 lambda + 0.1 exp(-tau t / T), 0, 1), which only fits [0, 1]
-measures and does not equal lambda at tau = 0. We use the simpler, measure-agnostic
-relaxation lambda_t = lambda * exp(-tau t / T) for lambda >= 0 and
-lambda * exp(+tau t / T) for lambda < 0 (t 0-based position, T sequence length), so
-later tokens always exit more easily, tau = 0 is exactly constant and inf stays inf.
+Position-dependent threshold (`threshold_decay` = tau >= 0, 0 = constant), in one of
+two forms (`threshold_decay_form`, t 0-based position, T sequence length):
+  exponential  (default, ours) lambda_t = lambda * f_t with f_t = exp(-tau t / T):
+               a measure-agnostic relaxation that can reach 0.
+  calm         CALM's released code (t5x contrib/calm): f_t = 0.9 + 0.1 exp(-tau t / T),
+               at most a 10% relaxation (the paper uses tau = 4). The paper's formula,
+               clip(0.9 lambda + 0.1 exp(-tau t / T), 0, 1), only fits [0, 1] measures
+               and does not equal lambda at tau = 0; the code's form does.
+Both use lambda * f_t for lambda >= 0 and lambda / f_t for lambda < 0 (entropy), so later
+tokens always exit more easily, tau = 0 is exactly constant, inf stays inf, and lambda_t
+grows with lambda (a larger threshold is stricter at every position).
+
+A threshold may also be a `calibration.Calibration` (`calibrate_threshold`): its
+`threshold` is used, after checking that the call's measure (and, in
+`predict_with_exit`, every other setting the calibration recorded) matches.
 
 Routing. `token`: each token decides alone. `sequence`: every token of a row exits at
 the first exit layer where at least ceil(q T) of its T tokens are confident (q =
@@ -90,6 +99,7 @@ Array = jax.Array
 MEASURES = ("softmax", "margin", "entropy", "state", "probe")
 KV_POLICIES = ("oracle", "copy")
 ROUTINGS = ("token", "sequence")
+DECAY_FORMS = ("exponential", "calm")
 # Measures whose useful thresholds are >= 0; a negative one is a sign mix-up.
 _NONNEGATIVE_MEASURES = ("softmax", "margin", "state")
 _LOGIT_MEASURES = ("softmax", "margin", "entropy")
@@ -304,9 +314,12 @@ def flops_per_token(config: ModelConfig, t, exit_layer, *, exit_layers: Sequence
 # Exit selection.
 
 
-def _position_thresholds(threshold: Array, seq_len: int, decay: float) -> Array:
+def _position_thresholds(threshold: Array, seq_len: int, decay: float,
+                         form: str = "exponential") -> Array:
   """Per-position thresholds [T] (module docstring); decay 0 returns threshold exactly."""
   factor_T = jnp.exp(-decay * jnp.arange(seq_len, dtype=jnp.float32) / seq_len)
+  if form == "calm":
+    factor_T = 0.9 + 0.1 * factor_T
   return jnp.where(threshold >= 0, threshold * factor_T, threshold / factor_T)
 
 
@@ -356,6 +369,7 @@ class _Options:
   threshold_decay: float
   probe_flops: int
   return_logits: bool = True
+  threshold_decay_form: str = "exponential"
 
 
 def _nll(logits_XBTV: Array, targets_BT: Array, normalized: bool = False) -> Array:
@@ -467,7 +481,8 @@ def _oracle(model: DeepSupervisionTransformer, probe: Any, tokens_BT: Array,
   need = math.ceil(round(opts.seq_quantile * seq_len, 6))
 
   def select(thr: Array) -> ExitResult:
-    thr_T = _position_thresholds(thr, seq_len, opts.threshold_decay)
+    thr_T = _position_thresholds(thr, seq_len, opts.threshold_decay,
+                                 opts.threshold_decay_form)
     idx_BT = _first_true(_is_confident(conf_EBT, thr_T, opts.routing, need))
     logits_BTV = None
     if logits_LBTV is not None:
@@ -505,7 +520,8 @@ def _copy(model: DeepSupervisionTransformer, probe: Any, tokens_BT: Array,
     return _nll(logits_BTV, targets_BT)
 
   def run(thr: Array) -> ExitResult:
-    thr_T = _position_thresholds(thr, seq_len, opts.threshold_decay)
+    thr_T = _position_thresholds(thr, seq_len, opts.threshold_decay,
+                                 opts.threshold_decay_form)
 
     def body(i, h_in_BTD, h_out_BTD, carry):
       exited_BT = carry[0]
@@ -605,8 +621,52 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     raise UserError(f"unknown {name}={value!r}: choose one of {', '.join(choices)}")
 
 
-def _check_threshold(threshold: Any, measure: str) -> Array:
-  """Rejects NaN (and negative, for [0,1]-type measures) thresholds, where concrete."""
+def exit_settings(num_layers: int, *, exit_layers: Sequence[int], measure: str,
+                  kv_policy: str, routing: str = "token", seq_quantile: float = 1.0,
+                  threshold_decay: float = 0.0,
+                  threshold_decay_form: str = "exponential") -> dict[str, Any]:
+  """The options of `predict_with_exit` that decide which tokens exit, normalised.
+
+  A calibrated threshold (`calibration.Calibration`) records these and is only valid
+  under the same ones: exit layers are the checked ones (below N), `seq_quantile`
+  only counts under sequence routing and the decay form only with a decay.
+  """
+  return {
+      "measure": measure,
+      "exit_layers": _check_exit_layers(exit_layers, num_layers),
+      "kv_policy": kv_policy,
+      "routing": routing,
+      "seq_quantile": float(seq_quantile) if routing == "sequence" else 1.0,
+      "threshold_decay": float(threshold_decay),
+      "threshold_decay_form": threshold_decay_form if threshold_decay else "exponential",
+  }
+
+
+def _calibrated_value(threshold: Any, measure: str, settings: dict[str, Any] | None) -> Any:
+  """A `Calibration`'s threshold, once its recorded settings match the call's."""
+  from deepexit_jax import calibration  # Here, not at import: calibration imports exits.
+
+  if not isinstance(threshold, calibration.Calibration):
+    return threshold
+  recorded = dict(threshold.settings)
+  for key, value in {**(settings or {}), "measure": measure}.items():
+    if key in recorded and recorded[key] != value:
+      raise UserError(
+          f"the calibrated threshold was calibrated with {key}={recorded[key]!r}, but this "
+          f"call uses {key}={value!r}: calibrate again with these settings, or pass "
+          "calibration.threshold to use the number without its guarantee")
+  return threshold.threshold
+
+
+def _check_threshold(threshold: Any, measure: str,
+                     settings: dict[str, Any] | None = None) -> Array:
+  """Rejects NaN (and negative, for [0,1]-type measures) thresholds, where concrete.
+
+  A `calibration.Calibration` stands for its `threshold`; its recorded measure must
+  equal `measure`, and every other recorded setting the one in `settings` (the
+  caller's `exit_settings`, where it has them).
+  """
+  threshold = _calibrated_value(threshold, measure, settings)
   # A traced threshold (under an outer jit) has no value to check; its shape is known.
   if not isinstance(threshold, jax.core.Tracer):
     try:
@@ -647,6 +707,7 @@ def predict_with_exit(
     routing: str = "token",
     seq_quantile: float = 1.0,
     threshold_decay: float = 0.0,
+    threshold_decay_form: str = "exponential",
     probe: ConfidenceProbe | None = None,
     targets: Array | None = None,
     return_logits: bool = True,
@@ -660,7 +721,9 @@ def predict_with_exit(
   Args:
     model: a `DeepSupervisionTransformer`.
     tokens: int32 [B, T] token ids, T <= config.max_len.
-    threshold: scalar or 1-D [S] confidence threshold; `jnp.inf` never exits.
+    threshold: scalar or 1-D [S] confidence threshold; `jnp.inf` never exits. A
+      `Calibration` from `calibrate_threshold` is accepted when this call's settings
+      equal those it was calibrated under (else a `UserError`).
     exit_layers: strictly ascending 1-based layers, each in 1..N; N itself only means
       full depth and is not checked.
     measure: "softmax", "margin", "entropy", "state" or "probe".
@@ -669,6 +732,8 @@ def predict_with_exit(
     seq_quantile: q in (0, 1] for sequence routing: a row exits once at least
       ceil(q T) of its tokens are confident (1.0 = all of them).
     threshold_decay: tau >= 0 relaxing the threshold along the sequence; 0 = constant.
+    threshold_decay_form: "exponential" (ours) or "calm" (CALM's released code); see
+      the module docstring.
     probe: a `ConfidenceProbe`, required by (and only used with) measure "probe". An
       `nnx.Module` or array pytree is traced; any other probe must be hashable.
     targets: optional int [B, T] next-token ids; adds `nll` to the result.
@@ -683,7 +748,7 @@ def predict_with_exit(
   _check_choice("measure", measure, MEASURES)
   _check_choice("kv_policy", kv_policy, KV_POLICIES)
   _check_choice("routing", routing, ROUTINGS)
-  threshold = _check_threshold(threshold, measure)
+  _check_choice("threshold_decay_form", threshold_decay_form, DECAY_FORMS)
   tokens_BT = jnp.asarray(tokens, jnp.int32)
   if tokens_BT.ndim != 2 or tokens_BT.shape[1] < 1:
     raise UserError(f"tokens must be a [batch, time] array, got shape {tokens_BT.shape}")
@@ -705,6 +770,10 @@ def predict_with_exit(
   if (measure == "probe") != (probe is not None):
     raise UserError("measure='probe' needs probe=..., and probe=... needs measure='probe': "
                     "pass both or neither")
+  threshold = _check_threshold(threshold, measure, exit_settings(
+      config.num_layers, exit_layers=exit_layers, measure=measure, kv_policy=kv_policy,
+      routing=routing, seq_quantile=seq_quantile, threshold_decay=threshold_decay,
+      threshold_decay_form=threshold_decay_form))
   probe_flops = 0
   static_probe = dynamic_probe = None
   if probe is not None:
@@ -720,7 +789,8 @@ def predict_with_exit(
       dynamic_probe = probe
   opts = _Options(exit_layers=layers, measure=measure, kv_policy=kv_policy, routing=routing,
                   seq_quantile=float(seq_quantile), threshold_decay=float(threshold_decay),
-                  probe_flops=int(probe_flops), return_logits=bool(return_logits))
+                  probe_flops=int(probe_flops), return_logits=bool(return_logits),
+                  threshold_decay_form=threshold_decay_form)
   graphdef, state = nnx.split(model)
   nested = any(isinstance(x, jax.core.Tracer)
                for x in jax.tree.leaves((state, tokens_BT, threshold, targets_BT, dynamic_probe)))

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from deepexit_jax import checkpoint
 from deepexit_jax.sweep import SweepReport, SweepRow, pareto_front
@@ -28,8 +29,14 @@ def _threshold_text(r: SweepRow) -> str:
   return "never (inf)" if math.isinf(r.threshold) else f"{r.threshold:g}"
 
 
-def markdown(report: SweepReport) -> str:
-  """The sweep as Markdown tables: one per KV policy, then baselines and recommendations."""
+def markdown(report: SweepReport, calibrated: Any = None) -> str:
+  """The sweep as Markdown tables: one per KV policy, then baselines and recommendations.
+
+  Args:
+    report: the sweep.
+    calibrated: an optional `calibration.CalibrationReport`, added as a "Calibrated
+      setting" section.
+  """
   exits = [k for k in report.exit_layers if k < report.num_layers]
   several = len(exits) > 1
   head = ["Threshold", "PPL", "Shallow Exit %", "Compute % (layers)", "FLOPs %",
@@ -65,7 +72,10 @@ def markdown(report: SweepReport) -> str:
   others = [r for r in report.rows if r.kind != "threshold"]
   lines += ["### Baselines", ""] + table(others) + [""]
   lines += ["### Recommended settings (FLOPs; best quality = lowest FLOPs within "
-            f"+{100 * report.metadata['tolerance']:.1f}% PPL)", ""]
+            f"+{100 * report.metadata['tolerance']:.1f}% PPL)", "",
+            "Fitted to the reported text: the same validation text chooses these settings "
+            "and scores them, so they carry no promise for new text (a calibrated threshold "
+            "does: `--calibrate`).", ""]
   for key, name in _RECOMMENDATION_NAMES.items():
     r = report.recommendations.get(key)
     if r is None:
@@ -75,7 +85,45 @@ def markdown(report: SweepReport) -> str:
     lines.append(f"- {name}: threshold {_threshold_text(r)}{policy}: PPL {r.ppl:.3f} "
                  f"({_pct(r.ppl_change, True)}), {_pct(r.layers_fraction)} layers, "
                  f"{_pct(r.flops_fraction)} FLOPs")
+  if calibrated is not None:
+    lines += [""] + calibration_markdown(calibrated)
   return "\n".join(lines) + "\n"
+
+
+def _thr(x: Any) -> str:
+  return "never (inf)" if x == "inf" else f"{x:g}"
+
+
+def calibration_markdown(calibrated: Any) -> list[str]:
+  """The "Calibrated setting" section from a `calibration.CalibrationReport`."""
+  f = calibrated.fields
+  cons = ("share of tokens whose top-1 differs from full depth" if f["consistency"] ==
+          "textual" else f"NLL increase over full depth / {f['risk_scale_nats']:.3g} nats, "
+          "clipped to [0, 1]")
+  unit = "window" if f["unit"] == "sequence" else "token"
+  cover, raw, unc = f["coverage_detail"], f["empirical_rule_coverage"], f["uncalibrated"]
+  p = "" if f["p_value"] is None else f", p = {f['p_value']:.3g}"
+  return [
+      f"### Calibrated setting (Learn-then-Test, {f['bound']}, delta {f['delta']:g}, "
+      f"epsilon {f['epsilon']:g})", "",
+      f"Risk: {cons}, one example per {unit}; KV policy `{f['settings']['kv_policy']}`. "
+      f"Calibrated on {f['calibration_windows']} windows ({f['calibration_tokens']:,} "
+      f"tokens), reported on the other {f['test_windows']} ({f['test_tokens']:,} tokens), "
+      f"split seed {cover['seed']}.", "",
+      f"- Calibrated threshold {_thr(f['threshold'])}{p}, calibration risk "
+      f"{f['calibration_risk']:.4f}. On the test part: risk {f['test_risk']:.4f} "
+      f"(delta {f['delta']:g}), PPL {f['ppl']:.3f} ({_pct(f['ppl_change'], True)}), "
+      f"{_pct(f['layers_fraction'])} layers, {_pct(f['flops_fraction'])} FLOPs.",
+      f"- Coverage: test risk <= delta in {_pct(f['coverage'])} of {cover['splits']} random "
+      f"calibration/test splits (promised: >= {_pct(1 - f['epsilon'])} for the expected "
+      f"risk); mean test risk {cover['mean_test_risk']:.4f}, mean FLOPs "
+      f"{_pct(cover['mean_flops_fraction'])}. Splits: {cover['how']}.",
+      f"- Without the bound (lowest threshold whose calibration risk <= delta): coverage "
+      f"{_pct(raw['coverage'])}, mean test risk {raw['mean_test_risk']:.4f}.",
+      f"- Uncalibrated recommendation ({unc['rule']}): threshold {_thr(unc['threshold'])}, "
+      f"test risk {unc['test_risk']:.4f}, {_pct(unc['flops_fraction'])} FLOPs, coverage "
+      f"{_pct(unc['coverage'])}.",
+  ]
 
 
 def write_csv(report: SweepReport, path: str) -> None:
@@ -214,12 +262,16 @@ def write_results(out_dir: str, lines: Sequence[str]) -> str:
 
 
 def write_report(report: SweepReport, out_dir: str,
-                 overlay: Sequence[tuple[str, float, float]] = ()) -> dict[str, str]:
-  """Writes sweep.md, sweep.csv, sweep.json and sweep.png into `out_dir`."""
+                 overlay: Sequence[tuple[str, float, float]] = (),
+                 calibrated: Any = None) -> dict[str, str]:
+  """Writes sweep.md, sweep.csv, sweep.json and sweep.png (and calibration.json) to `out_dir`."""
   checkpoint.ensure_writable(out_dir)
   paths = {ext: os.path.join(out_dir, f"sweep.{ext}") for ext in ("md", "csv", "json", "png")}
+  if calibrated is not None:
+    paths["calibration"] = os.path.join(out_dir, "calibration.json")
+    checkpoint.write_json(paths["calibration"], calibrated.to_json())
   with open(paths["md"], "w") as f:
-    f.write(markdown(report))
+    f.write(markdown(report, calibrated))
   write_csv(report, paths["csv"])
   checkpoint.write_json(paths["json"], to_json(report))
   plot(report, paths["png"], overlay)

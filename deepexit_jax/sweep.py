@@ -86,11 +86,16 @@ class SweepReport:
   metadata: dict[str, Any]
 
 
-def parse_thresholds(spec: str) -> np.ndarray:
+def parse_thresholds(spec: str, allow_negative: bool = False) -> np.ndarray:
   """Parses "start:stop:step" (inclusive of stop) or "a,b,c" into float32 thresholds.
 
+  Args:
+    spec: the text.
+    allow_negative: accept negative thresholds (the entropy measure's are <= 0).
+
   Raises:
-    UserError: malformed text, a NaN or negative threshold, or a non-positive step.
+    UserError: malformed text, a NaN or (unless allowed) negative threshold, or a
+      non-positive step.
   """
   try:
     if ":" in spec:
@@ -106,9 +111,10 @@ def parse_thresholds(spec: str) -> np.ndarray:
                     "(e.g. 0:1:0.1)") from None
   if values.size == 0:
     raise UserError(f"--thresholds={spec!r} gives no thresholds")
-  if np.isnan(values).any() or (values < 0).any():
+  if np.isnan(values).any() or (not allow_negative and (values < 0).any()):
     raise UserError(f"--thresholds={spec!r} contains a NaN or negative threshold: "
-                    "confidence thresholds are >= 0 (use inf for 'never exit')")
+                    "confidence thresholds are >= 0 (use inf for 'never exit'; negative "
+                    "ones only with --measure=entropy)")
   return values.astype(np.float32)
 
 
@@ -294,12 +300,47 @@ def params_digest(model: nnx.Module) -> str:
   return h.hexdigest()[:16]
 
 
+@dataclasses.dataclass
+class LoadedRun:
+  """A trained checkpoint and its validation text, as the sweep evaluates it.
+
+  Attributes:
+    checkpoint: the loaded `checkpoint.Checkpoint` (best parameters, tokenizer, config).
+    batches: the validation text cut into evaluation windows (`data.eval_batches`).
+    data_description: where the text came from.
+  """
+
+  checkpoint: checkpoint.Checkpoint
+  batches: data.EvalBatches
+  data_description: str
+
+
+def load_run(checkpoint_dir: str, data_dir: str | None = None) -> LoadedRun:
+  """Loads a `deepexit-train` workdir and cuts its validation text into windows.
+
+  Args:
+    checkpoint_dir: the run's --workdir (its config.json names the data).
+    data_dir: overrides the run's data.data_dir (e.g. a local dataset copy).
+  """
+  ckpt = checkpoint.load_checkpoint(checkpoint_dir)
+  if ckpt.experiment is None or ckpt.tokenizer is None:
+    raise UserError(f"{checkpoint_dir} lacks config.json/tokenizer.json: sweep the --workdir "
+                    "of a deepexit-train run")
+  data_cfg = dict(ckpt.experiment["data"])
+  if data_dir:
+    data_cfg["data_dir"] = data_dir
+  dataset = data.prepare_dataset(data.DataConfig.from_dict(data_cfg), tokenizer=ckpt.tokenizer)
+  batches = data.eval_batches(dataset.val_tokens, data_cfg["seq_len"], data_cfg["batch_size"])
+  return LoadedRun(ckpt, batches, dataset.corpus.description)
+
+
 def run_sweep(checkpoint_dir: str, thresholds: np.ndarray, *,
               exit_layers: Sequence[int] | None = None, measure: str = "softmax",
               kv_policies: Sequence[str] = ("oracle", "copy"),
               static_dirs: Sequence[str] = (), data_dir: str | None = None,
               probe: Any = None, routing: str = "token", seq_quantile: float = 1.0,
-              threshold_decay: float = 0.0) -> SweepReport:
+              threshold_decay: float = 0.0,
+              threshold_decay_form: str = "exponential") -> SweepReport:
   """Loads a trained checkpoint and sweeps thresholds over its validation text.
 
   Args:
@@ -311,24 +352,16 @@ def run_sweep(checkpoint_dir: str, thresholds: np.ndarray, *,
     static_dirs: workdirs of static-depth baselines on the same data.
     data_dir: overrides the run's data.data_dir (e.g. a local dataset copy).
     probe: a confidence probe for measure "probe".
-    routing, seq_quantile, threshold_decay: token or sequence routing and the
-      position-dependent threshold, as in `predict_with_exit`.
+    routing, seq_quantile, threshold_decay, threshold_decay_form: token or sequence
+      routing and the position-dependent threshold, as in `predict_with_exit`.
 
   Returns:
     A `SweepReport`.
   """
-  ckpt = checkpoint.load_checkpoint(checkpoint_dir)
-  if ckpt.experiment is None or ckpt.tokenizer is None:
-    raise UserError(f"{checkpoint_dir} lacks config.json/tokenizer.json: sweep the --workdir "
-                    "of a deepexit-train run")
-  model = ckpt.model
+  run = load_run(checkpoint_dir, data_dir)
+  ckpt, model, batches = run.checkpoint, run.checkpoint.model, run.batches
   n = model.config.num_layers
   exit_layers = tuple(exit_layers or ckpt.experiment["exit_layers"])
-  data_cfg = dict(ckpt.experiment["data"])
-  if data_dir:
-    data_cfg["data_dir"] = data_dir
-  dataset = data.prepare_dataset(data.DataConfig.from_dict(data_cfg), tokenizer=ckpt.tokenizer)
-  batches = data.eval_batches(dataset.val_tokens, data_cfg["seq_len"], data_cfg["batch_size"])
 
   # Full depth checks no exit, so it pays for no exit head but the last.
   full = sweep_thresholds(model, batches, np.array([np.inf], np.float32),
@@ -340,7 +373,8 @@ def run_sweep(checkpoint_dir: str, thresholds: np.ndarray, *,
     rows += sweep_thresholds(model, batches, thresholds, exit_layers=exit_layers,
                              measure=measure, kv_policy=policy, probe=probe,
                              routing=routing, seq_quantile=seq_quantile,
-                             threshold_decay=threshold_decay)
+                             threshold_decay=threshold_decay,
+                             threshold_decay_form=threshold_decay_form)
   rows.append(oracle_bound(model, batches, exit_layers))
   for d in static_dirs:
     static = checkpoint.load_checkpoint(d)
@@ -352,10 +386,10 @@ def run_sweep(checkpoint_dir: str, thresholds: np.ndarray, *,
   metadata = {
       "checkpoint": checkpoint_dir, "checkpoint_abspath": ckpt.path, "step": ckpt.step, "params_sha256": params_digest(model),
       "model": model.config.to_dict(), "experiment": ckpt.experiment,
-      "data": dataset.corpus.description, "static_checkpoints": list(static_dirs),
+      "data": run.data_description, "static_checkpoints": list(static_dirs),
       "thresholds": [float(t) for t in thresholds], "kv_policies": list(kv_policies),
       "tolerance": PPL_TOLERANCE, "routing": routing, "seq_quantile": seq_quantile,
-      "threshold_decay": threshold_decay,
+      "threshold_decay": threshold_decay, "threshold_decay_form": threshold_decay_form,
   }
   return SweepReport(rows=rows, exit_layers=exit_layers, measure=measure, num_layers=n,
                      num_tokens=batches.num_targets, recommendations=recommend(rows),
@@ -375,7 +409,7 @@ def run() -> None:
   """The `deepexit-sweep` binary; flags are defined here so importing stays flag-free."""
   from absl import flags
 
-  from deepexit_jax import cli, report
+  from deepexit_jax import calibration, cli, report
 
   ckpt_flag = flags.DEFINE_string("checkpoint", None, "Workdir of a deepexit-train run.")
   thr_flag = flags.DEFINE_string("thresholds", "0:1:0.1",
@@ -391,6 +425,31 @@ def run() -> None:
                                      "sequence's tokens that must be confident.")
   decay_flag = flags.DEFINE_float("threshold_decay", 0.0, "Position-dependent threshold "
                                   "relaxation tau (0 = constant threshold).")
+  decay_form_flag = flags.DEFINE_enum("threshold_decay_form", "exponential",
+                                      list(exits.DECAY_FORMS), "Form of the decay: ours "
+                                      "(exponential) or CALM's code (calm).")
+  calibrate_flag = flags.DEFINE_bool(
+      "calibrate", False, "Also calibrate a threshold with Learn-then-Test on part of the "
+      "validation text and report it on the rest (writes calibration.json).")
+  delta_flag = flags.DEFINE_float("delta", None, "--calibrate: tolerated risk in (0, 1).")
+  epsilon_flag = flags.DEFINE_float("epsilon", 0.1, "--calibrate: error level in (0, 1); "
+                                    "P(risk <= delta) >= 1 - epsilon.")
+  consistency_flag = flags.DEFINE_enum(
+      "consistency", "textual", list(calibration.CONSISTENCIES), "--calibrate: textual "
+      "(top-1 differs from full depth) or risk (NLL increase / ln V, clipped to [0, 1]).")
+  fraction_flag = flags.DEFINE_float("calibration_fraction", 0.5, "--calibrate: share of "
+                                     "the validation windows that calibrate.")
+  unit_flag = flags.DEFINE_enum("calibration_unit", "sequence", list(calibration.UNITS),
+                                "--calibrate: calibration examples are windows or tokens.")
+  bound_flag = flags.DEFINE_enum("bound", "hoeffding_bentkus", list(calibration.BOUNDS),
+                                 "--calibrate: p-value bound.")
+  cal_policy_flag = flags.DEFINE_enum("calibration_kv_policy", "copy",
+                                      list(exits.KV_POLICIES), "--calibrate: KV policy.")
+  cal_thr_flag = flags.DEFINE_string("calibration_thresholds", None, "--calibrate: "
+                                     "candidates (default: --thresholds).")
+  seed_flag = flags.DEFINE_integer("calibration_seed", 0, "--calibrate: seed of the splits.")
+  splits_flag = flags.DEFINE_integer("coverage_splits", 100, "--calibrate: random "
+                                     "calibration/test splits for the coverage.")
   kv_flag = flags.DEFINE_list("kv_policy", ["oracle", "copy"], "KV policies to sweep.")
   static_flag = flags.DEFINE_list("static", [], "Workdirs of static-depth baselines.")
   data_flag = flags.DEFINE_string("data_dir", None, "Override the run's data.data_dir.")
@@ -411,6 +470,22 @@ def run() -> None:
     except ValueError:
       raise UserError(f"--exit_layers={exits_flag.value} must be integers, e.g. 2 or 1,2,3"
                       ) from None
+    negative = measure_flag.value == "entropy"
+    thresholds = parse_thresholds(thr_flag.value, negative)
+    cal_thresholds = None
+    if calibrate_flag.value:
+      if delta_flag.value is None:
+        raise UserError("--calibrate needs --delta, the tolerated risk, e.g. --delta=0.05")
+      calibration.check_levels(delta_flag.value, epsilon_flag.value)
+      if not 0.0 < fraction_flag.value < 1.0:
+        raise UserError(f"--calibration_fraction={fraction_flag.value} must be strictly "
+                        "between 0 and 1, e.g. 0.5")
+      if splits_flag.value < 1:
+        raise UserError(f"--coverage_splits={splits_flag.value} must be >= 1, e.g. 100")
+      cal_thresholds = np.round(parse_thresholds(
+          cal_thr_flag.value or thr_flag.value, negative).astype(np.float64), 6)
+    elif delta_flag.value is not None:
+      raise UserError("--delta only applies with --calibrate: add --calibrate")
     cli.log_devices()
     overlay = load_overlay(overlay_flag.value) if overlay_flag.value else ()
     probe, measure = None, measure_flag.value
@@ -420,17 +495,26 @@ def run() -> None:
       probe = probes.load_probe(probe_flag.value,
                                 checkpoint.read_model_config(ckpt_flag.value))
       measure = "probe"
-    result = run_sweep(ckpt_flag.value, parse_thresholds(thr_flag.value),
+    routing = dict(routing=routing_flag.value, seq_quantile=quantile_flag.value,
+                   threshold_decay=decay_flag.value,
+                   threshold_decay_form=decay_form_flag.value)
+    result = run_sweep(ckpt_flag.value, thresholds,
                        exit_layers=exit_layers, measure=measure,
                        kv_policies=kv_flag.value, static_dirs=static_flag.value,
-                       data_dir=data_flag.value, routing=routing_flag.value,
-                       seq_quantile=quantile_flag.value, threshold_decay=decay_flag.value,
-                       probe=probe)
+                       data_dir=data_flag.value, probe=probe, **routing)
     if probe_flag.value:
       result.metadata["probe"] = os.path.abspath(probe_flag.value)
+    calibrated = None
+    if calibrate_flag.value:
+      calibrated = calibration.run_calibration(
+          ckpt_flag.value, cal_thresholds, delta=delta_flag.value, epsilon=epsilon_flag.value,
+          consistency=consistency_flag.value, unit=unit_flag.value, bound=bound_flag.value,
+          fraction=fraction_flag.value, seed=seed_flag.value, splits=splits_flag.value,
+          exit_layers=exit_layers, measure=measure, kv_policy=cal_policy_flag.value,
+          probe=probe, data_dir=data_flag.value, **routing)
     out = out_flag.value or os.path.join(ckpt_flag.value, "sweep")
-    paths = report.write_report(result, out, overlay)
-    print(report.markdown(result))
+    paths = report.write_report(result, out, overlay, calibrated)
+    print(report.markdown(result, calibrated))
     print("wrote " + ", ".join(paths.values()))
 
   cli.run_main(main)

@@ -274,3 +274,39 @@ def test_bpe_model_trains_and_sweeps(config_dict, tmp_path):
   assert np.isfinite(rows["full depth"].ppl)
   thr = [r for r in report.rows if r.kind == "threshold"]
   assert thr[0].layers_fraction == 0.5 and thr[1].layers_fraction == 1.0
+
+
+def test_parse_thresholds_accepts_negative_ones_for_entropy_only():
+  np.testing.assert_allclose(sweep.parse_thresholds("-1:0:0.5", allow_negative=True),
+                             [-1.0, -0.5, 0.0])
+  with pytest.raises(UserError, match="entropy"):
+    sweep.parse_thresholds("-1:0:0.5")
+
+
+def test_binary_calibrates_and_writes_calibration_json(runs, tmp_path):
+  ee, _ = runs
+  bad = _sweep_binary(f"--checkpoint={ee}", "--calibrate", "--delta=1.5", cwd=tmp_path)
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+  assert bad.stderr.strip().splitlines() == [
+      "error: delta=1.5 must be a number strictly between 0 and 1, e.g. delta=0.05"]
+  ok = _sweep_binary(f"--checkpoint={ee}", "--thresholds=0,0.5,0.9", "--kv_policy=oracle",
+                     "--calibrate", "--delta=0.3", "--epsilon=0.2", "--coverage_splits=20",
+                     "--calibration_kv_policy=oracle", f"--out={tmp_path / 'o'}", cwd=tmp_path)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  with open(tmp_path / "o" / "calibration.json") as f:
+    cal = json.load(f)
+  for key in ("threshold", "delta", "epsilon", "consistency", "calibration_tokens",
+              "test_tokens", "test_risk", "flops_fraction", "ppl", "coverage"):
+    assert key in cal, key
+  assert (cal["delta"], cal["epsilon"], cal["consistency"]) == (0.3, 0.2, "textual")
+  ckpt = load_checkpoint(ee)
+  cfg = data.DataConfig.from_dict(ckpt.experiment["data"])
+  b = data.eval_batches(data.prepare_dataset(cfg, tokenizer=ckpt.tokenizer).val_tokens,
+                        cfg.seq_len, cfg.batch_size)
+  # Whole windows on each side, every validation token on exactly one side.
+  assert cal["calibration_tokens"] + cal["test_tokens"] == b.num_targets
+  assert cal["calibration_tokens"] > 0 and cal["test_tokens"] > 0
+  assert 0.0 <= cal["coverage"] <= 1.0 and cal["coverage_detail"]["splits"] == 20
+  assert cal["threshold"] == "inf" or cal["threshold"] in (0.0, 0.5, 0.9)
+  md = open(tmp_path / "o" / "sweep.md").read()
+  assert "### Calibrated setting" in md and "Fitted to the reported text" in md
