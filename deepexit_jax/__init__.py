@@ -42,7 +42,8 @@ _LAZY = {"run_sweep": "deepexit_jax.sweep",
              "load_probe", "run_probes", "run_study", "save_probe")},
          **{name: "deepexit_jax.decoding" for name in (
              "DecodeCost", "DecodeResult", "decode_cost", "decode_teacher_forced", "generate",
-             "generate_text")}}
+             "generate_text", "SpeculativeCost", "SpeculativeResult", "speculative_cost",
+             "speculative_generate", "speculative_text")}}
 
 
 def __getattr__(name):
@@ -65,6 +66,11 @@ __all__ = [
     "decode_teacher_forced",
     "generate",
     "generate_text",
+    "SpeculativeCost",
+    "SpeculativeResult",
+    "speculative_cost",
+    "speculative_generate",
+    "speculative_text",
     "ByteTokenizer",
     "CharTokenizer",
     "Collection",

@@ -222,13 +222,15 @@ class Block(nnx.Module):
       new_mask_BRR: bool [B or 1, R, R]: which new rows each row sees (itself included).
 
     Returns:
-      (output states [B, R, D], keys [B, R, H, K], values [B, R, H, K]).
+      (output states [B, R, D], float32 keys [B, R, H, K], float32 values [B, R, H, K]).
     """
     b, r, d = h_BRD.shape
     x_MD = h_BRD.reshape(b * r, d)
     q_BRHK, k_BRHK, v_BRHK = self._project(x_MD, b, r)
     att_BRHK = cached_attention(q_BRHK, k_BRHK, v_BRHK, *cache, cache_mask_BRS, new_mask_BRR)
-    return self._residual(x_MD, att_BRHK, (None, None)).reshape(b, r, d), k_BRHK, v_BRHK
+    f32 = jnp.float32  # Decoders keep float32 caches whatever the compute dtype.
+    return (self._residual(x_MD, att_BRHK, (None, None)).reshape(b, r, d),
+            k_BRHK.astype(f32), v_BRHK.astype(f32))
 
   def extend_one(self, h_BD: Array, cache: tuple[Array, Array], t: Array
                  ) -> tuple[Array, Array, Array]:
@@ -250,7 +252,8 @@ class Block(nnx.Module):
     self_BH1 = jnp.sum(q_BHK * k_BHK, -1, keepdims=True) / scale
     p_BHX = jax.nn.softmax(jnp.concatenate([scores_BHS, self_BH1], -1), axis=-1)
     att_BHK = jnp.einsum("bhs,bshk->bhk", p_BHX[..., :s], v_BSHK) + p_BHX[..., s:] * v_BHK
-    return self._residual(h_BD, att_BHK, (None, None)), k_BHK, v_BHK
+    f32 = jnp.float32
+    return self._residual(h_BD, att_BHK, (None, None)), k_BHK.astype(f32), v_BHK.astype(f32)
 
 
 def cached_attention(q_BRHK: Array, k_BRHK: Array, v_BRHK: Array, k_BSHK: Array,

@@ -10,7 +10,14 @@ Every decoder runs its layers through the model's own cache-aware block step
 (`model.Block.extend` / `extend_one`), so a change to the block reaches all of them.
 """
 
-from deepexit_jax.decoding.cli import TextGeneration, exit_layer_lines, generate_text, run
+from deepexit_jax.decoding.cli import (
+    SpeculativeText,
+    TextGeneration,
+    exit_layer_lines,
+    generate_text,
+    run,
+    speculative_text,
+)
 from deepexit_jax.decoding.cost import DecodeCost, SpeculativeCost, decode_cost, speculative_cost
 from deepexit_jax.decoding.early_exit import (
     BATCH_EXITS,
@@ -31,5 +38,5 @@ __all__ = [
     "BATCH_EXITS", "EMULATED_POLICY", "KV_POLICIES", "MEASURES", "DecodeCost", "DecodeResult",
     "TextGeneration", "decode_cost", "decode_teacher_forced", "exit_layer_lines", "generate",
     "generate_text", "run", "DRAFT_MEASURES", "SpeculativeCost", "SpeculativeResult",
-    "speculative_cost", "speculative_generate",
+    "speculative_cost", "speculative_generate", "SpeculativeText", "speculative_text",
 ]

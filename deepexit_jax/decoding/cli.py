@@ -10,8 +10,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from deepexit_jax.decoding.cost import DecodeCost, decode_cost
+from deepexit_jax.decoding.cost import DecodeCost, SpeculativeCost, decode_cost, speculative_cost
 from deepexit_jax.decoding.early_exit import BATCH_EXITS, KV_POLICIES, MEASURES, generate
+from deepexit_jax.decoding.speculative import SpeculativeResult, speculative_generate
 from deepexit_jax.errors import UserError
 
 
@@ -51,6 +52,78 @@ def _timed(fn) -> tuple[Any, float]:
   return out, best
 
 
+def _load(checkpoint_dir: str, prompt: str, batch: int):
+  """(checkpoint, int32 [batch, P] prompt ids), with one-line errors for bad input."""
+  from deepexit_jax import checkpoint
+
+  ckpt = checkpoint.load_checkpoint(checkpoint_dir)
+  if ckpt.tokenizer is None:
+    raise UserError(f"{checkpoint_dir} has no tokenizer.json: generate from a deepexit-train "
+                    "workdir (or save_model(..., tokenizer=...))")
+  if not prompt:
+    raise UserError("the prompt is empty: pass at least one character with --prompt")
+  ids = ckpt.tokenizer.encode(prompt)
+  unk = getattr(ckpt.tokenizer, "UNK_ID", None)
+  if unk is not None and (ids == unk).any():
+    unknown = sorted({c for c, i in zip(prompt, ids) if i == unk})
+    raise UserError(f"the prompt holds characters the model never saw in training "
+                    f"{''.join(unknown)!r}: remove or replace them")
+  if not isinstance(batch, int) or batch < 1:
+    raise UserError(f"batch={batch!r} must be an integer >= 1")
+  return ckpt, np.tile(ids[None], (batch, 1)).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeText:
+  """What `speculative_text` returns (and `deepexit-generate --speculative` prints).
+
+  Attributes:
+    texts: the B generated continuations (without the prompt).
+    result: the `SpeculativeResult`.
+    cost: its `SpeculativeCost`.
+    tokens_per_second: generated tokens (all rows) per second, compile excluded.
+    baseline_tokens_per_second: full-depth greedy `generate` of the same tokens.
+    identical: greedy: the speculative tokens equal full-depth decoding's (must be True);
+      None when sampling (the same distribution, not the same draws).
+  """
+
+  texts: list[str]
+  result: SpeculativeResult
+  cost: SpeculativeCost
+  tokens_per_second: float
+  baseline_tokens_per_second: float
+  identical: bool | None
+
+
+def speculative_text(checkpoint_dir: str, prompt: str, max_new_tokens: int, *,
+                     draft_layer: int, draft_len: int = 4, batch: int = 1,
+                     **kwargs) -> SpeculativeText:
+  """Loads a checkpoint and continues `prompt` by self-speculative decoding, timed against
+  full-depth decoding of the same prompt (same sampling settings and key).
+
+  Args:
+    checkpoint_dir, prompt, max_new_tokens, batch: as for `generate_text`.
+    draft_layer, draft_len: E and k (see `speculative_generate`).
+    **kwargs: temperature, top_k, rng, draft_threshold, draft_measure.
+  """
+  ckpt, prompt_BP = _load(checkpoint_dir, prompt, batch)
+  model, n = ckpt.model, ckpt.model.config.num_layers
+  result, seconds = _timed(lambda: speculative_generate(
+      model, prompt_BP, max_new_tokens, draft_layer=draft_layer, draft_len=draft_len,
+      **kwargs))
+  plain = {key: kwargs[key] for key in ("temperature", "top_k", "rng") if key in kwargs}
+  full, base_seconds = _timed(lambda: generate(model, prompt_BP, max_new_tokens, np.inf,
+                                               exit_layers=(n,), **plain))
+  tokens = np.asarray(result.tokens)
+  return SpeculativeText(
+      texts=[ckpt.tokenizer.decode(row) for row in np.asarray(result.new_tokens)],
+      result=result, cost=speculative_cost(model.config, result),
+      tokens_per_second=batch * max_new_tokens / seconds,
+      baseline_tokens_per_second=batch * max_new_tokens / base_seconds,
+      identical=(None if kwargs.get("temperature", 0.0) > 0
+                 else bool(np.array_equal(tokens, np.asarray(full.tokens)))))
+
+
 def generate_text(checkpoint_dir: str, prompt: str, max_new_tokens: int, threshold: float,
                   *, exit_layers: Sequence[int] | None = None, batch: int = 1,
                   baseline: bool = False, **kwargs) -> TextGeneration:
@@ -71,26 +144,10 @@ def generate_text(checkpoint_dir: str, prompt: str, max_new_tokens: int, thresho
   Returns:
     A `TextGeneration`.
   """
-  from deepexit_jax import checkpoint
-
-  ckpt = checkpoint.load_checkpoint(checkpoint_dir)
-  if ckpt.tokenizer is None:
-    raise UserError(f"{checkpoint_dir} has no tokenizer.json: generate from a deepexit-train "
-                    "workdir (or save_model(..., tokenizer=...))")
+  ckpt, prompt_BP = _load(checkpoint_dir, prompt, batch)
   model, n = ckpt.model, ckpt.model.config.num_layers
   if exit_layers is None:
     exit_layers = tuple((ckpt.experiment or {}).get("exit_layers", (n,)))
-  if not prompt:
-    raise UserError("the prompt is empty: pass at least one character with --prompt")
-  ids = ckpt.tokenizer.encode(prompt)
-  unk = getattr(ckpt.tokenizer, "UNK_ID", None)
-  if unk is not None and (ids == unk).any():
-    unknown = sorted({c for c, i in zip(prompt, ids) if i == unk})
-    raise UserError(f"the prompt holds characters the model never saw in training "
-                    f"{''.join(unknown)!r}: remove or replace them")
-  if not isinstance(batch, int) or batch < 1:
-    raise UserError(f"batch={batch!r} must be an integer >= 1")
-  prompt_BP = np.tile(ids[None], (batch, 1))
 
   def call(layers):
     return lambda: generate(model, prompt_BP, max_new_tokens, threshold, exit_layers=layers,
@@ -129,6 +186,35 @@ def exit_layer_lines(text: str, exit_layers: Sequence[int], width: int = 72) -> 
   return lines
 
 
+def _print_speculative(checkpoint_dir, prompt, max_new_tokens, exit_layers, *, draft_layer,
+                       **kwargs) -> None:
+  if draft_layer is None:  # The run's first exit layer below N.
+    from deepexit_jax import checkpoint
+
+    meta = checkpoint.load_checkpoint(checkpoint_dir)
+    n = meta.model.config.num_layers
+    below = [k for k in (exit_layers or (meta.experiment or {}).get("exit_layers", ())) if k < n]
+    if not below:
+      raise UserError("--speculative needs --draft_layer (the run has no exit layer below "
+                      f"its {n} layers)")
+    draft_layer = below[0]
+  gen = speculative_text(checkpoint_dir, prompt, max_new_tokens, draft_layer=draft_layer,
+                         **kwargs)
+  for b, text in enumerate(gen.texts):
+    if len(gen.texts) > 1:
+      print(f"--- row {b}")
+    print(prompt + text)
+  res = gen.result
+  print(f"draft layer {res.draft_layer}, draft_len {res.draft_len} | acceptance "
+        f"{res.acceptance_rate:.2f} | {res.tokens_per_cycle:.2f} tokens/cycle | FLOPs "
+        f"{gen.cost.flops_ratio:.2f}x full depth")
+  print(f"tokens/s {gen.tokens_per_second:,.0f} | full depth tokens/s "
+        f"{gen.baseline_tokens_per_second:,.0f} | speedup over full depth "
+        f"{gen.tokens_per_second / gen.baseline_tokens_per_second:.2f}x | " + (
+            "sampled: the full model's distribution" if gen.identical is None
+            else f"identical to full depth: {gen.identical}"))
+
+
 def run() -> None:
   """The `deepexit-generate` binary; flags are defined here so importing stays flag-free."""
   from absl import flags
@@ -152,6 +238,13 @@ def run() -> None:
   seed_flag = flags.DEFINE_integer("seed", 0, "Sampling seed.")
   show_flag = flags.DEFINE_bool("show_exits", False, "Print each token's exit layer under it.")
   base_flag = flags.DEFINE_bool("baseline", False, "Also time full-depth decoding.")
+  spec_flag = flags.DEFINE_bool("speculative", False, "Self-speculative decoding: layers "
+                                "1..--draft_layer draft, the rest verify (lossless).")
+  dlayer_flag = flags.DEFINE_integer("draft_layer", None, "--speculative: the drafting "
+                                     "layer E (default: the run's first exit layer).")
+  dlen_flag = flags.DEFINE_integer("draft_len", 4, "--speculative: tokens drafted per cycle.")
+  dthr_flag = flags.DEFINE_float("draft_threshold", None, "--speculative: stop a draft when "
+                                 "its confidence (--measure) falls below this.")
 
   def main(argv):
     del argv
@@ -165,6 +258,13 @@ def run() -> None:
       raise UserError(f"--exit_layers={exits_flag.value} must be integers, e.g. 2 or 1,2,3"
                       ) from None
     cli.log_devices()
+    if spec_flag.value:
+      _print_speculative(ckpt_flag.value, prompt_flag.value, new_flag.value, layers,
+                         batch=batch_flag.value, draft_layer=dlayer_flag.value,
+                         draft_len=dlen_flag.value, temperature=temp_flag.value,
+                         top_k=topk_flag.value, rng=jax.random.key(seed_flag.value),
+                         draft_threshold=dthr_flag.value, draft_measure=measure_flag.value)
+      return
     gen = generate_text(
         ckpt_flag.value, prompt_flag.value, new_flag.value, thr_flag.value,
         exit_layers=layers, batch=batch_flag.value, baseline=base_flag.value,

@@ -73,6 +73,8 @@ class SpeculativeResult:
     drafted: int32 [C, B] tokens the row drafted in each cycle.
     accepted: int32 [C, B] drafted tokens the verification accepted.
     draft_iterations: int32 [C] iterations of the draft loop the batch ran (0 = no cycle).
+    logits: float32 [B, M, V] the full-depth logits (of a verification) that chose each
+      new token (None unless requested).
     prompt_len, draft_layer, draft_len: the call's P, E and k (static).
   """
 
@@ -81,6 +83,7 @@ class SpeculativeResult:
   drafted: Array
   accepted: Array
   draft_iterations: Array
+  logits: Array | None = None
   prompt_len: int = flax.struct.field(pytree_node=False, default=0)
   draft_layer: int = flax.struct.field(pytree_node=False, default=0)
   draft_len: int = flax.struct.field(pytree_node=False, default=0)
@@ -122,6 +125,7 @@ class _Options:
   top_k: int  # 0 = no filter
   adaptive: bool  # stop a row's draft when its confidence < the threshold
   measure: str
+  return_logits: bool
 
 
 @flax.struct.dataclass
@@ -182,8 +186,7 @@ def _write(caches: list, rows: tuple) -> list:
   """
   kv, pos_BX = rows
   b_B = jnp.arange(pos_BX.shape[0]).reshape((-1,) + (1,) * (pos_BX.ndim - 1))
-  return [(k.at[b_B, pos_BX].set(rk.astype(k.dtype), mode="drop"),
-           v.at[b_B, pos_BX].set(rv.astype(v.dtype), mode="drop"))
+  return [(k.at[b_B, pos_BX].set(rk, mode="drop"), v.at[b_B, pos_BX].set(rv, mode="drop"))
           for (k, v), (rk, rv) in zip(caches, kv)]
 
 
@@ -194,7 +197,8 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array, thre
   n, e, kd = cfg.num_layers, opts.draft_layer, opts.draft_len
   s, nh, hk, d, v = cfg.max_len, cfg.num_heads, cfg.head_dim, cfg.dim, cfg.vocab_size
   b, p = prompt_BP.shape
-  total, r = p + opts.num_new, kd + 1
+  m, r = opts.num_new, kd + 1
+  total = p + m
   width = total + r
   blocks = [model.layer(i) for i in range(n)]  # Weights sliced once, outside the loops.
   b_B = jnp.arange(b)
@@ -222,7 +226,7 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array, thre
     for i in range(e):
       h_in_BD = h_BD
       h_BD, k_BHK, v_BHK = blocks[i].extend_one(h_BD, caches[i], pos_B)
-      kv.append((k_BHK, v_BHK))
+      kv.append((k_BHK.astype(jnp.float32), v_BHK.astype(jnp.float32)))
     # The head only while some row may still draft (iteration draft_len never drafts).
     logits_BV = jax.lax.cond(j < kd, model.head,
                              lambda h: jnp.zeros((b, v), jnp.float32), h_BD)
@@ -271,7 +275,7 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array, thre
     h_BRD, kv = st.h_BRD, []
     for i in range(e, n):
       h_BRD, k_BRHK, v_BRHK = blocks[i].extend(h_BRD, caches[i], cache_mask_BRS, causal_1RR)
-      kv.append((k_BRHK, v_BRHK))
+      kv.append((k_BRHK.astype(jnp.float32), v_BRHK.astype(jnp.float32)))
     logits_BRV = model.head(h_BRD)
 
     # Accept.
@@ -304,6 +308,9 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array, thre
     write_BR = (r_R[None] <= acc_B[:, None]) & active_B[:, None]
     tokens_BW = tokens_BW.at[b_B[:, None], jnp.where(write_BR, length_B[:, None] + r_R[None],
                                                      width)].set(new_BR, mode="drop")
+    if opts.return_logits:  # New token i of a row sits at index i = position - P.
+      at_BR = jnp.where(write_BR, length_B[:, None] - p + r_R[None], m)
+      out_logits = carry["logits"].at[b_B[:, None], at_BR].set(logits_BRV, mode="drop")
     out = dict(carry, c=c + 1, tokens=tokens_BW, caches=caches, draft_rows=st.rows,
                verify_rows=(kv, pos_BR),
                length=jnp.where(active_B, length_B + acc_B + 1, length_B))
@@ -312,9 +319,10 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array, thre
                         ("accepted", jnp.where(active_B, acc_B, 0))):
       out[name] = carry[name].at[c].set(value)
     out["draft_iterations"] = carry["draft_iterations"].at[c].set(st.j)
+    if opts.return_logits:
+      out["logits"] = out_logits
     return out
 
-  m = opts.num_new
   zeros_BHK = jnp.zeros((b, nh, hk), jnp.float32)
   zeros_BRHK = jnp.zeros((b, r, nh, hk), jnp.float32)
   nowhere_B = jnp.full((b,), s, jnp.int32)  # Pending rows at position S are dropped.
@@ -327,11 +335,13 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array, thre
       "cycle_length": jnp.zeros((m, b), jnp.int32), "drafted": jnp.zeros((m, b), jnp.int32),
       "accepted": jnp.zeros((m, b), jnp.int32), "draft_iterations": jnp.zeros((m,), jnp.int32),
   }
+  if opts.return_logits:
+    carry["logits"] = jnp.zeros((b, m, v), jnp.float32)
   carry = jax.lax.while_loop(lambda c: jnp.any(c["length"] < total), cycle, carry)
   return SpeculativeResult(
       tokens=carry["tokens"][:, :total], cycle_length=carry["cycle_length"],
       drafted=carry["drafted"], accepted=carry["accepted"],
-      draft_iterations=carry["draft_iterations"], prompt_len=p, draft_layer=e,
+      draft_iterations=carry["draft_iterations"], logits=carry.get("logits"), prompt_len=p, draft_layer=e,
       draft_len=kd)
 
 
@@ -347,6 +357,7 @@ def speculative_generate(
     rng: Array | None = None,
     draft_threshold: float | None = None,
     draft_measure: str = "softmax",
+    return_logits: bool = False,
 ) -> SpeculativeResult:
   """Generates tokens by self-speculation: exactly the full model's greedy tokens (or, when
   sampling, exactly its distribution), several tokens per full-depth pass.
@@ -368,6 +379,7 @@ def speculative_generate(
     draft_threshold: adaptive drafting: a row stops drafting when the draft's confidence
       (`draft_measure`) falls below this (None = always draft `draft_len`).
     draft_measure: "softmax", "margin", "entropy" or "state" (as in `predict_with_exit`).
+    return_logits: also return the full-depth logits that chose each new token.
 
   Returns:
     A `SpeculativeResult`; `speculative_cost(model.config, result)` gives its FLOPs.
@@ -406,7 +418,8 @@ def speculative_generate(
   else:
     threshold = np.float32(-np.inf)
   opts = _Options(draft_layer=e, draft_len=k, prompt_len=p, num_new=m, sample=temperature > 0,
-                  top_k=int(top_k), adaptive=adaptive, measure=draft_measure)
+                  top_k=int(top_k), adaptive=adaptive, measure=draft_measure,
+                  return_logits=bool(return_logits))
   rng = compiled.default_rng() if rng is None else rng
   return compiled.call(speculative_decode, model, prompt_BP, threshold,
                        np.float32(max(temperature, 1e-6)), rng, opts=opts)

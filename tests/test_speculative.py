@@ -1,0 +1,235 @@
+"""Self-speculative decoding: exactly the full model's greedy tokens / sampling distribution."""
+
+import itertools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_model
+
+from deepexit_jax import decoding, exits
+from deepexit_jax.errors import UserError
+from deepexit_jax.model import ModelConfig, all_layer_logits
+
+CONFIG = ModelConfig(vocab_size=23, num_layers=4, dim=32, num_heads=2, ffn_dim=64, max_len=40)
+N = CONFIG.num_layers
+
+
+@pytest.fixture(scope="module")
+def model():
+  # Layers disagree often enough that drafts are both accepted and rejected.
+  return random_model(CONFIG, seed=1)
+
+
+def _prompt(b=3, p=5, seed=0, vocab=CONFIG.vocab_size):
+  return np.random.RandomState(seed).randint(0, vocab, (b, p)).astype(np.int32)
+
+
+def _greedy(model, prompt, m):
+  return np.asarray(decoding.generate(model, prompt, m, np.inf, exit_layers=(
+      model.config.num_layers,)).tokens)
+
+
+@pytest.mark.parametrize("draft_layer, draft_len", [(1, 1), (2, 3), (3, 5)])
+def test_greedy_equals_full_depth_greedy(model, draft_layer, draft_len):
+  prompt = _prompt()
+  m = CONFIG.max_len - prompt.shape[1] + 1  # The decode reaches max_len.
+  res = decoding.speculative_generate(model, prompt, m, draft_layer=draft_layer,
+                                      draft_len=draft_len)
+  np.testing.assert_array_equal(np.asarray(res.tokens), _greedy(model, prompt, m))
+  # Drafts were both accepted and rejected, and rows differ in acceptance.
+  assert 0 < res.acceptance_rate < 1
+  accepted_B = np.asarray(res.accepted).sum(0)
+  assert len(set(accepted_B.tolist())) > 1
+  assert np.asarray(res.tokens).shape == (3, prompt.shape[1] + m)
+  cycles_B = res.cycles
+  assert (cycles_B >= m / (draft_len + 1)).all() and (cycles_B <= m).all()
+  # Every row commits exactly its accepted drafts plus one token per cycle.
+  np.testing.assert_array_equal(accepted_B + cycles_B, m)
+  assert res.tokens_per_cycle == pytest.approx(3 * m / cycles_B.sum())
+
+
+def test_rollback_next_cycles_logits_equal_a_fresh_full_depth_run(model):
+  """After every rejection the caches are cut back: each committed token's verification
+  logits equal the full-depth logits of a fresh pass over the accepted text."""
+  prompt = _prompt(b=2, p=4, seed=3)
+  res = decoding.speculative_generate(model, prompt, 24, draft_layer=2, draft_len=4,
+                                      return_logits=True)
+  assert np.asarray(res.drafted).sum() > np.asarray(res.accepted).sum()  # Rejections.
+  tokens = np.asarray(res.tokens)
+  fresh = np.asarray(all_layer_logits(model, tokens[:, :-1]))[-1]  # [B, T - 1, V]
+  np.testing.assert_allclose(np.asarray(res.logits), fresh[:, 3:], atol=2e-4, rtol=1e-4)
+
+
+def test_trained_model_greedy_and_acceptance(tiny_config, tmp_path_factory):
+  from deepexit_jax import load_model, train_model
+
+  workdir = str(tmp_path_factory.mktemp("spec") / "run")
+  train_model(tiny_config(max_steps=30, eval_every=0), workdir)
+  trained = load_model(workdir)
+  prompt = _prompt(b=2, p=6, seed=1, vocab=trained.config.vocab_size)
+  res = decoding.speculative_generate(trained, prompt, 20, draft_layer=1, draft_len=3)
+  np.testing.assert_array_equal(np.asarray(res.tokens), _greedy(trained, prompt, 20))
+  assert res.acceptance_rate > 0.3  # A trained exit drafts what the full model says.
+
+
+def test_adaptive_drafting_stays_exact_and_drafts_less(model):
+  prompt = _prompt()
+  full = _greedy(model, prompt, 20)
+  plain = decoding.speculative_generate(model, prompt, 20, draft_layer=2, draft_len=4)
+  for thr in (0.3, 0.6):
+    res = decoding.speculative_generate(model, prompt, 20, draft_layer=2, draft_len=4,
+                                        draft_threshold=thr)
+    np.testing.assert_array_equal(np.asarray(res.tokens), full)
+    assert np.asarray(res.drafted).sum() < np.asarray(plain.drafted).sum()
+  never = decoding.speculative_generate(model, prompt, 20, draft_layer=2, draft_len=4,
+                                        draft_threshold=np.inf)
+  np.testing.assert_array_equal(np.asarray(never.tokens), full)
+  assert np.asarray(never.drafted).sum() == 0 and never.tokens_per_cycle == 1.0
+  # A threshold every draft clears drafts exactly as much as no threshold.
+  always = decoding.speculative_generate(model, prompt, 20, draft_layer=2, draft_len=4,
+                                         draft_threshold=0.0)
+  np.testing.assert_array_equal(np.asarray(always.drafted), np.asarray(plain.drafted))
+
+
+def test_adaptive_threshold_tie_keeps_the_draft(model):
+  """A draft whose confidence equals the threshold is drafted (>=, as every exit rule)."""
+  prompt = _prompt(b=1, p=5, seed=4)
+  logits = np.asarray(all_layer_logits(model, prompt))[1, 0, -1]  # Layer 2, newest token.
+  conf = float(exits.softmax_confidence(jnp.asarray(logits)))
+  at = decoding.speculative_generate(model, prompt, 2, draft_layer=2, draft_len=1,
+                                     draft_threshold=conf)
+  above = decoding.speculative_generate(model, prompt, 2, draft_layer=2, draft_len=1,
+                                        draft_threshold=np.nextafter(np.float32(conf),
+                                                                     np.float32(2)))
+  assert int(np.asarray(at.drafted)[0, 0]) == 1
+  assert int(np.asarray(above.drafted)[0, 0]) == 0
+
+
+def _exact_marginals(model, prompt, steps, temperature, top_k, layer):
+  """Marginal distributions of new tokens 1..steps when sampling from `layer`'s exit,
+  by enumerating every continuation (tiny vocabulary)."""
+  v = model.config.vocab_size
+  seqs = np.array(list(itertools.product(range(v), repeat=steps - 1)), np.int32)
+  tokens = np.concatenate([np.repeat(prompt, len(seqs), 0), seqs], 1)
+  logits = np.asarray(all_layer_logits(model, tokens))[layer - 1, :, prompt.shape[1] - 1:]
+  logits = logits.astype(np.float64) / temperature
+  if top_k:
+    kth = np.sort(logits, -1)[..., -top_k][..., None]
+    logits = np.where(logits < kth, -np.inf, logits)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)  # [V^(steps-1), steps, V]
+  marginals = []
+  for i in range(steps):
+    # P(prefix seqs[:, :i]) * P(token i | prefix): joint over the enumerated prefixes.
+    prefix_p = np.ones(len(seqs))
+    for j in range(i):
+      prefix_p *= probs[np.arange(len(seqs)), j, seqs[:, j]]
+    # Each prefix of length i appears V^(steps-1-i) times among the rows.
+    marginals.append((prefix_p[:, None] * probs[:, i]).sum(0) / v ** (steps - 1 - i))
+  return np.stack(marginals)
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 3)])
+def test_sampling_has_exactly_the_full_models_distribution(temperature, top_k):
+  cfg = ModelConfig(vocab_size=5, num_layers=3, dim=16, num_heads=2, ffn_dim=32, max_len=8)
+  small = random_model(cfg, seed=2, spread=1.5)
+  prompt = _prompt(b=1, p=3, seed=5, vocab=5)
+  rows, steps = 6000, 3
+  res = decoding.speculative_generate(small, np.repeat(prompt, rows, 0), steps, draft_layer=1,
+                                      draft_len=2, temperature=temperature, top_k=top_k,
+                                      rng=jax.random.key(11))
+  new = np.asarray(res.new_tokens)
+  empirical = np.stack([np.bincount(new[:, i], minlength=5) / rows for i in range(steps)])
+  exact = _exact_marginals(small, prompt, steps, temperature, top_k, layer=cfg.num_layers)
+  draft = _exact_marginals(small, prompt, steps, temperature, top_k, layer=1)
+  tol = 5 * np.sqrt(exact * (1 - exact) / rows) + 1e-3  # 5 standard errors per cell.
+  assert (np.abs(empirical - exact) <= tol).all(), (empirical, exact)
+  # The draft layer's own distribution is far from it: a sampler returning drafts fails.
+  assert (np.abs(draft - exact) > 3 * tol).any()
+  assert 0.05 < res.acceptance_rate < 0.95
+  if top_k:
+    assert ((exact == 0) <= (empirical == 0)).all()  # Filtered tokens never appear.
+
+
+def test_cost_counts_draft_and_verification_flops(model):
+  prompt = _prompt(b=2, p=6)
+  e, k = 2, 3
+  one = decoding.speculative_generate(model, prompt, 1, draft_layer=e, draft_len=k)
+  cost = decoding.speculative_cost(CONFIG, one)
+  c = exits.FlopCounter.from_config(CONFIG)
+  t = 5  # One cycle, no draft (one token needed): the newest token through 1..E + head,
+  # then layers E+1..N and the head on all k + 1 verification rows.
+  per_row = e * c.block(t) + c.head + sum((N - e) * c.block(t + r) + c.head
+                                          for r in range(k + 1))
+  assert cost.executed == pytest.approx(2 * per_row)
+  assert cost.full_depth == pytest.approx(2 * (N * c.block(t) + c.head))
+  assert cost.verifications == 2
+  # Full acceptance costs about full depth: each token crosses every layer once.
+  long = decoding.speculative_generate(model, prompt, 20, draft_layer=e, draft_len=k)
+  lcost = decoding.speculative_cost(CONFIG, long)
+  assert lcost.flops_ratio > 1.0  # Rejected drafts and the draft heads are extra work.
+
+
+def test_traced_arguments_do_not_recompile(model):
+  prompt = _prompt()
+  decoding.speculative_generate(model, prompt, 6, draft_layer=2, draft_len=2,
+                                draft_threshold=0.5)
+  jitted = decoding.compiled.decoder_of(decoding.speculative.speculative_decode, model)
+  size = jitted._cache_size()
+  decoding.speculative_generate(model, prompt, 6, draft_layer=2, draft_len=2,
+                                draft_threshold=0.7)
+  assert jitted._cache_size() == size
+
+
+def test_bfloat16_model_is_exact_against_bfloat16_greedy():
+  import dataclasses
+
+  cfg = dataclasses.replace(CONFIG, dtype="bfloat16")
+  bf16 = random_model(cfg, seed=1)
+  prompt = _prompt(b=2)
+  res = decoding.speculative_generate(bf16, prompt, 16, draft_layer=2, draft_len=3)
+  np.testing.assert_array_equal(np.asarray(res.tokens), _greedy(bf16, prompt, 16))
+
+
+@pytest.mark.parametrize("args, words", [
+    (dict(draft_layer=4), "below the model's 4 layers"),
+    (dict(draft_layer=0), "draft_layer=0"),
+    (dict(draft_layer=2, draft_len=0), "draft_len=0"),
+    (dict(draft_layer=2, max_new_tokens=40), "exceeds model.max_len"),
+    (dict(draft_layer=2, temperature=-1.0), "temperature"),
+    (dict(draft_layer=2, top_k=3), "top_k needs temperature"),
+    (dict(draft_layer=2, draft_threshold=float("nan")), "NaN"),
+    (dict(draft_layer=2, draft_measure="probe"), "draft_measure"),
+])
+def test_bad_arguments_are_one_line_errors(model, args, words):
+  args = {"max_new_tokens": 4, **args}
+  with pytest.raises(UserError, match=words):
+    decoding.speculative_generate(model, _prompt(), args.pop("max_new_tokens"), **args)
+
+
+def test_binary_speculative_prints_acceptance_and_speedup(tiny_config, tmp_path_factory):
+  from deepexit_jax import train_model
+
+  workdir = str(tmp_path_factory.mktemp("specbin") / "run")
+  train_model(tiny_config(max_steps=10, eval_every=0), workdir)
+  out = subprocess.run(
+      [sys.executable, "-m", "deepexit_jax.decoding", f"--checkpoint={workdir}",
+       "--prompt=The ", "--max_new_tokens=12", "--speculative", "--draft_layer=1",
+       "--draft_len=3"], capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.startswith("The ")
+  for words in ("acceptance", "tokens/cycle", "tokens/s", "speedup over full depth",
+                "identical to full depth: True"):
+    assert words in out.stdout, out.stdout
+  bad = subprocess.run(
+      [sys.executable, "-m", "deepexit_jax.decoding", f"--checkpoint={workdir}",
+       "--prompt=The ", "--speculative", "--draft_layer=2"], capture_output=True, text=True,
+      timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+  assert bad.stderr.strip().splitlines()[-1].startswith("error:")
