@@ -44,7 +44,7 @@ STATIC = ("static4", "static8")
 LABELS = {"early_exit": "early exit {4: 0.5, 8: 0.5}",
           "early_exit_kd": "early exit + self-distillation (FREE, kd 0.5)",
           "static4": "static 4-layer", "static8": "static 8-layer"}
-LEVELS = (0.6, 0.7, 0.8, 0.9, 1.0)  # compute levels besides the static 4-layer model's
+LEVELS = (0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # besides the static 4-layer model's
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/depth_regime", "Where the runs go.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Training seeds of every model.")
@@ -183,12 +183,14 @@ def plot(lv: list[Level], sweeps, statics, path: str) -> None:
         ys = [[x for x in y if math.isfinite(x)] for _, y in pts]
         ax.errorbar([x for x, _ in pts], [statistics.mean(y) for y in ys],
                     yerr=[statistics.stdev(y) if len(y) > 1 else 0 for y in ys], fmt="o-",
+                    drawstyle="steps-post",
                     capsize=3, color=colors[m], label=f"{LABELS[m]} front (mean ± std)")
     pts = [(100 * v.flops, v.static) for v in lv if v.static]
     if pts:
       ax.errorbar([x for x, _ in pts], [statistics.mean(y) for _, y in pts],
                   yerr=[statistics.stdev(y) if len(y) > 1 else 0 for _, y in pts],
-                  fmt="ks--", capsize=3, label="static front (4- / 8-layer, mean ± std)")
+                  fmt="ks--", drawstyle="steps-post", capsize=3,
+                  label="static front (4- / 8-layer, mean ± std)")
     for m in STATIC:
       xs = [(100 * r.flops_fraction, r.ppl) for run, r in statics.items() if run.model == m]
       ax.plot([x for x, _ in xs], [y for _, y in xs], "k.", alpha=0.4)
@@ -197,7 +199,8 @@ def plot(lv: list[Level], sweeps, statics, path: str) -> None:
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("validation PPL (char-level, 50k chars)")
   axes[0].legend(fontsize=8)
-  fig.suptitle("Depth regime: early-exit fronts vs static depth (thin lines: single seeds)")
+  fig.suptitle("Depth regime: best PPL at <= each compute level (steps), mean ± std over seeds; "
+               "thin lines: single seeds' fronts")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -380,14 +383,14 @@ def answer(lv: list[Level]) -> list[str]:
   out = []
   for m in EARLY_EXIT:
     for p in POLICIES:
-      below, tied, above = [], [], []
+      below, tied, above, single = [], [], [], []
       for v in lv:
         e = [x for x in v.early[m][p] if math.isfinite(x)]
         if not e or not v.static:
           continue
         gap, se, _ = common.compare("a", e, "b", v.static)
         if math.isnan(se):
-          tied.append(_pct(v.flops))
+          single.append(f"{_pct(v.flops)} ({gap:+.3f})")
         elif gap < -2 * se:
           below.append(f"{_pct(v.flops)} ({gap:+.3f} ± {se:.3f} PPL, "
                        f"{100 * gap / statistics.mean(v.static):+.2f}%)")
@@ -395,6 +398,9 @@ def answer(lv: list[Level]) -> list[str]:
           above.append(f"{_pct(v.flops)} ({gap:+.3f} ± {se:.3f})")
         else:
           tied.append(_pct(v.flops))
+      if single:
+        out.append(f"- {LABELS[m]}, `{p}` KV: one seed so far, no claim; single-seed gaps "
+                   "(early exit − static front, PPL): " + ", ".join(single) + ".")
       if not (below or tied or above):
         continue
       out.append(f"- {LABELS[m]}, `{p}` KV: below the static front at "
