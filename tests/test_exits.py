@@ -301,8 +301,9 @@ def _gap_thresholds(values, count, gap=1e-4):
   return np.asarray([mids[i] for i in picks], np.float32)
 
 
-@pytest.mark.parametrize("kv_policy", ["oracle", "copy"])
-@pytest.mark.parametrize("seq_quantile", [1.0, 0.5])
+@pytest.mark.parametrize("seq_quantile, kv_policy", [
+    (1.0, "oracle"), (1.0, "copy"), (0.5, "oracle"), (0.5, "copy"),
+    (0.3, "oracle"), (0.3, "copy")])  # q T = 3.6: ceil, not floor
 def test_sequence_routing_chooses_the_first_layer_where_enough_tokens_are_confident(
     kv_policy, seq_quantile):
   """Each row exits at the first exit layer where ceil(q T) of its tokens are confident,

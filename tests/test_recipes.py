@@ -226,7 +226,9 @@ def test_kd_and_confidence_losses_match_a_direct_computation(tiny_config, recipe
   cfg = _config(tiny_config, num_layers=3, loss_weights="1:0.2,2:0.3,3:0.5", **recipe)
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.0))
   trainer = Trainer(cfg, TOTAL_STEPS)
-  params = trainer.initial_state.params
+  # Every parameter random: layers disagree, so the KD and confidence terms are far from
+  # their values at initialisation (KL ~ 0, confidence ~ 1/V).
+  params = nnx.state(random_model(cfg.model, seed=2), nnx.Param)
   x, y = _batch(seed=1)
   mask = np.ones(x.shape, np.float32)
   mask[-1, 10:] = 0  # padding is excluded from every mean
