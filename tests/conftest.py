@@ -22,6 +22,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import pytest  # noqa: E402
 
+
+def pytest_terminal_summary(terminalreporter):
+  """Ends a run that skipped the real-data tests (plain `pytest`) with a line saying so."""
+  skipped = [r for r in terminalreporter.stats.get("skipped", [])
+             if "real-data test" in str(getattr(r, "longrepr", ""))]
+  if skipped:
+    terminalreporter.write_line(
+        f"{len(skipped)} real-data tests (WikiText-2, Tiny Shakespeare) were SKIPPED: "
+        "DEEPEXIT_DATA_DIR is not set (.ci/run sets it)", yellow=True, bold=True)
+
+
 # About 40k characters: enough for a few dozen steps of batch 8 x seq 32 plus a
 # validation tail, small enough that an evaluation takes a fraction of a second.
 CORPUS_CHARS = 40_000
