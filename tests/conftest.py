@@ -162,8 +162,3 @@ def tiny_config(config_dict):
     return ExperimentConfig.from_dict(config_dict(**train))
 
   return make
-
-
-def spread_model(config):
-  """Deprecated alias of `random_model(config)` while tests migrate."""
-  return random_model(config)
