@@ -269,13 +269,17 @@ def test_predict_with_exit_and_generate_accept_a_calibration(model, batches):
     with pytest.raises(UserError, match=re.escape(words)):
       exits.predict_with_exit(model, tokens, cal,
                               **(dict(exit_layers=(1,), kv_policy="oracle") | kwargs))
-  # The decoder's threshold check takes it too (measure checked).
+  # The decoder takes it too, with every setting checked: `recompute` decodes what the
+  # `oracle` emulation measures, `copy` does not.
   out = deepexit_jax.generate(model, tokens[:1, :4], threshold=cal, max_new_tokens=2,
-                              exit_layers=(1,))
+                              exit_layers=(1,), kv_policy="recompute")
   assert out.new_tokens.shape == (1, 2)
-  with pytest.raises(UserError, match="measure"):
-    deepexit_jax.generate(model, tokens[:1, :4], threshold=cal, max_new_tokens=2,
-                          exit_layers=(1,), measure="entropy")
+  for kwargs, words in ((dict(measure="entropy"), "measure"),
+                        (dict(kv_policy="copy"), "kv_policy='oracle'"),
+                        (dict(exit_layers=(1, 2), kv_policy="recompute"), "exit_layers")):
+    with pytest.raises(UserError, match=re.escape(words)):
+      deepexit_jax.generate(model, tokens[:1, :4], threshold=cal, max_new_tokens=2,
+                            **(dict(exit_layers=(1,)) | kwargs))
   # A calibration from raw losses records no settings, so any call may use it.
   raw = calibration.calibrate_threshold(_losses([0, 0], 1000), [0.9, 0.5], delta=0.1,
                                         epsilon=0.1)

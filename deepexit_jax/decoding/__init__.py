@@ -17,6 +17,7 @@ from deepexit_jax.decoding.cli import (
     generate_text,
     run,
     speculative_text,
+    validation_prompts,
 )
 from deepexit_jax.decoding.cost import DecodeCost, SpeculativeCost, decode_cost, speculative_cost
 from deepexit_jax.decoding.early_exit import (
@@ -38,5 +39,5 @@ __all__ = [
     "BATCH_EXITS", "EMULATED_POLICY", "KV_POLICIES", "MEASURES", "DecodeCost", "DecodeResult",
     "TextGeneration", "decode_cost", "decode_teacher_forced", "exit_layer_lines", "generate",
     "generate_text", "run", "DRAFT_MEASURES", "SpeculativeCost", "SpeculativeResult",
-    "speculative_cost", "speculative_generate", "SpeculativeText", "speculative_text",
+    "speculative_cost", "speculative_generate", "SpeculativeText", "speculative_text", "validation_prompts",
 ]

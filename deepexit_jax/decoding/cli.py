@@ -52,6 +52,17 @@ def _timed(fn) -> tuple[Any, float]:
   return out, best
 
 
+def validation_prompts(ckpt, batch: int, length: int) -> np.ndarray:
+  """int32 [batch, length] prompts: windows of a `deepexit-train` checkpoint's validation
+  tokens, spread evenly over the text (benchmarks decode them)."""
+  from deepexit_jax import data
+
+  cfg = data.DataConfig.from_dict(ckpt.experiment["data"])
+  val = data.prepare_dataset(cfg, tokenizer=ckpt.tokenizer).val_tokens
+  starts = np.linspace(0, len(val) - length - 1, batch).astype(int)
+  return np.stack([val[s:s + length] for s in starts]).astype(np.int32)
+
+
 def _load(checkpoint_dir: str, prompt: str, batch: int):
   """(checkpoint, int32 [batch, P] prompt ids), with one-line errors for bad input."""
   from deepexit_jax import checkpoint

@@ -456,7 +456,10 @@ def generate(
     A `DecodeResult` with `start = P - 1`; `result.new_tokens` are the M new tokens.
   """
   layers = _check_options(model, exit_layers, measure, kv_policy, batch_exit, max_pending)
-  threshold = exits._check_threshold(threshold, measure)
+  # A calibrated threshold must have been calibrated under these very settings.
+  threshold = exits._check_threshold(threshold, measure, exits.exit_settings(
+      model.config.num_layers, exit_layers=layers, measure=measure,
+      kv_policy=EMULATED_POLICY[kv_policy]))
   if threshold.ndim:
     raise UserError(f"threshold must be a scalar for decoding, got shape {threshold.shape}")
   prompt_BP = compiled.check_tokens(prompt, "prompt")
@@ -508,7 +511,10 @@ def decode_teacher_forced(
     A `DecodeResult` with `start = 0` and M = T steps.
   """
   layers = _check_options(model, exit_layers, measure, kv_policy, batch_exit, max_pending)
-  threshold = exits._check_threshold(threshold, measure)
+  # A calibrated threshold must have been calibrated under these very settings.
+  threshold = exits._check_threshold(threshold, measure, exits.exit_settings(
+      model.config.num_layers, exit_layers=layers, measure=measure,
+      kv_policy=EMULATED_POLICY[kv_policy]))
   if threshold.ndim:
     raise UserError(f"threshold must be a scalar for decoding, got shape {threshold.shape}")
   tokens_BT = compiled.check_tokens(tokens, "tokens")

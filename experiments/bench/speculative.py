@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from deepexit_jax import checkpoint, data, decoding
+from deepexit_jax import checkpoint, decoding
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "A deepexit-train workdir.", required=True)
 _BATCH = flags.DEFINE_integer("batch", 1, "Prompts decoded at once.")
@@ -33,14 +33,6 @@ _THR = flags.DEFINE_float("draft_threshold", None, "Adaptive drafting threshold 
 _NEW = flags.DEFINE_integer("new_tokens", 96, "New tokens per row.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 16, "Prompt characters.")
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
-
-
-def prompts(ckpt: checkpoint.Checkpoint, batch: int, length: int) -> np.ndarray:
-  """`batch` prompts of `length` validation tokens, spread over the validation text."""
-  cfg = data.DataConfig.from_dict(ckpt.experiment["data"])
-  val = data.prepare_dataset(cfg, tokenizer=ckpt.tokenizer).val_tokens
-  starts = np.linspace(0, len(val) - length - 1, batch).astype(int)
-  return np.stack([val[s:s + length] for s in starts]).astype(np.int32)
 
 
 def grid(num_layers: int) -> list[tuple[int, int]]:
@@ -53,7 +45,7 @@ def main(argv):
   ckpt = checkpoint.load_checkpoint(_CKPT.value)
   model = ckpt.model
   n = model.config.num_layers
-  prompt_BP = prompts(ckpt, _BATCH.value, _PROMPT.value)
+  prompt_BP = decoding.validation_prompts(ckpt, _BATCH.value, _PROMPT.value)
   m = _NEW.value
   if (_LAYER.value is None) != (_LEN.value is None):
     raise app.UsageError("give both --draft_layer and --draft_len, or neither (a grid)")
