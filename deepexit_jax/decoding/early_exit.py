@@ -458,7 +458,7 @@ def generate(
   layers = _check_options(model, exit_layers, measure, kv_policy, batch_exit, max_pending)
   # A calibrated threshold must have been calibrated under these very settings.
   threshold = exits._check_threshold(threshold, measure, exits.exit_settings(
-      model.config.num_layers, exit_layers=layers, measure=measure,
+      model.config.num_layers, exit_layers=exit_layers, measure=measure,
       kv_policy=EMULATED_POLICY[kv_policy]))
   if threshold.ndim:
     raise UserError(f"threshold must be a scalar for decoding, got shape {threshold.shape}")
@@ -513,7 +513,7 @@ def decode_teacher_forced(
   layers = _check_options(model, exit_layers, measure, kv_policy, batch_exit, max_pending)
   # A calibrated threshold must have been calibrated under these very settings.
   threshold = exits._check_threshold(threshold, measure, exits.exit_settings(
-      model.config.num_layers, exit_layers=layers, measure=measure,
+      model.config.num_layers, exit_layers=exit_layers, measure=measure,
       kv_policy=EMULATED_POLICY[kv_policy]))
   if threshold.ndim:
     raise UserError(f"threshold must be a scalar for decoding, got shape {threshold.shape}")

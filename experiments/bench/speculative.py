@@ -33,11 +33,63 @@ _THR = flags.DEFINE_float("draft_threshold", None, "Adaptive drafting threshold 
 _NEW = flags.DEFINE_integer("new_tokens", 96, "New tokens per row.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 16, "Prompt characters.")
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", True, "Also estimate where the time goes.")
 
 
 def grid(num_layers: int) -> list[tuple[int, int]]:
   layers = sorted({max(1, num_layers // 4), max(1, num_layers // 2)} - {num_layers})
   return [(e, k) for e in layers for k in (2, 4, 6)]
+
+
+def _median_seconds(runs: dict, rounds: int) -> dict:
+  for fn in runs.values():
+    jax.block_until_ready(fn())  # Compile and warm.
+    jax.block_until_ready(fn())
+  times = {key: [] for key in runs}
+  for _ in range(rounds):
+    for key, fn in runs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[key].append(time.perf_counter() - start)
+  return {key: statistics.median(t) for key, t in times.items()}
+
+
+def breakdown(model, prompt_BP, m: int, e: int, k: int, rounds: int) -> dict:
+  """Where a speculative decode's time goes, from interleaved whole-call timings.
+
+  A call costs T = T0 + C c_verify + I c_draft (T0: prefill and per-call cost; C cycles,
+  I draft iterations; c_verify includes the cycle's acceptance and bookkeeping). Three
+  calls determine the unknowns: the setting itself, the same with drafting off
+  (draft_threshold = inf: M cycles of one iteration) at M and at 1 new token. The
+  full-depth decoder's step is (T(M) - T(1)) / (M - 1).
+  """
+  n = model.config.num_layers
+  spec = decoding.speculative_generate
+  runs = {
+      "spec": lambda: spec(model, prompt_BP, m, draft_layer=e, draft_len=k),
+      "nodraft": lambda: spec(model, prompt_BP, m, draft_layer=e, draft_len=k,
+                              draft_threshold=np.inf),
+      "nodraft_1": lambda: spec(model, prompt_BP, 1, draft_layer=e, draft_len=k,
+                                draft_threshold=np.inf),
+      "full": lambda: decoding.generate(model, prompt_BP, m, np.inf, exit_layers=(n,)),
+      "full_1": lambda: decoding.generate(model, prompt_BP, 1, np.inf, exit_layers=(n,)),
+  }
+  sec = _median_seconds(runs, rounds)
+  res = runs["spec"]()
+  cycles, iters = res.num_cycles, int(np.asarray(res.draft_iterations).sum())
+  per_cycle = (sec["nodraft"] - sec["nodraft_1"]) / (m - 1)  # c_verify + c_draft
+  fixed = sec["nodraft_1"] - per_cycle
+  draft = (sec["spec"] - fixed - cycles * per_cycle) / max(iters - cycles, 1)
+  verify = per_cycle - draft
+  step = (sec["full"] - sec["full_1"]) / (m - 1)
+  us = 1e6
+  return {"cycles": cycles, "draft_iterations": iters, "fixed_ms": 1e3 * fixed,
+          "draft_iteration_us": us * draft, "verify_cycle_us": us * verify,
+          "full_depth_step_us": us * step,
+          "share_draft": iters * draft / (sec["spec"] - fixed),
+          "share_verify": cycles * verify / (sec["spec"] - fixed),
+          "draft_vs_full_step_layers_ideal": e / n,
+          "draft_vs_full_step": draft / step, "verify_vs_full_step": verify / step}
 
 
 def main(argv):
@@ -88,6 +140,17 @@ def main(argv):
              chosen_from_grid=len(settings) > 1, grid=rows if len(settings) > 1 else None)
   if len(settings) > 1:
     print(f"best of the grid: draft_layer={best['draft_layer']} draft_len={best['draft_len']}")
+  if _BREAKDOWN.value:
+    out["breakdown"] = bd = breakdown(model, prompt_BP, m, best["draft_layer"],
+                                      best["draft_len"], _ROUNDS.value)
+    print(f"where the time goes (E={best['draft_layer']} k={best['draft_len']}): per call "
+          f"{bd['fixed_ms']:.2f} ms fixed; {bd['draft_iterations']} draft iterations x "
+          f"{bd['draft_iteration_us']:.0f} us ({100 * bd['share_draft']:.0f}%), "
+          f"{bd['cycles']} verifications x {bd['verify_cycle_us']:.0f} us "
+          f"({100 * bd['share_verify']:.0f}%); a full-depth step {bd['full_depth_step_us']:.0f} "
+          f"us (a draft iteration = {bd['draft_vs_full_step']:.2f} of it, layers alone "
+          f"{bd['draft_vs_full_step_layers_ideal']:.2f}; a verification "
+          f"{bd['verify_vs_full_step']:.2f})")
   print(json.dumps(out))
 
 
