@@ -53,6 +53,39 @@ def test_greedy_equals_full_depth_greedy(model, draft_layer, draft_len):
   assert res.tokens_per_cycle == pytest.approx(3 * m / cycles_B.sum())
 
 
+def test_eos_stops_each_row_and_pads_in_both_decoders(model):
+  prompt = _prompt(b=3, seed=7)
+  m = 24
+  full = _greedy(model, prompt, m)
+  new = full[:, prompt.shape[1]:]
+  # The id that first appears latest among the rows' first occurrences, so rows end at
+  # different steps (some may never generate it).
+  ids, counts = np.unique(new[:, 2:-2], return_counts=True)
+  eos = int(ids[np.argmax(counts)])
+  expected = full.copy()
+  for row, toks in enumerate(new):
+    hits = np.flatnonzero(toks == eos)
+    if hits.size:
+      expected[row, prompt.shape[1] + hits[0] + 1:] = eos
+  assert (expected != full).any()  # Some row ends early.
+  gen = decoding.generate(model, prompt, m, np.inf, exit_layers=(N,), eos_id=eos)
+  np.testing.assert_array_equal(np.asarray(gen.tokens), expected)
+  res = decoding.speculative_generate(model, prompt, m, draft_layer=3, draft_len=5,
+                                      eos_id=eos)
+  np.testing.assert_array_equal(np.asarray(res.tokens), expected)
+  # Some row met its EOS inside a cycle's accepted run (tokens after it are dropped).
+  assert (np.asarray(res.committed) < np.asarray(res.accepted) + 1).any()
+  ended = (expected[:, prompt.shape[1]:] == eos).sum(1) > 0
+  plain = decoding.speculative_generate(model, prompt, m, draft_layer=3, draft_len=5)
+  # A row that ended takes fewer cycles and commits only up to its EOS.
+  assert (res.cycles[ended] <= plain.cycles[ended]).all()
+  first = [int(np.flatnonzero(r == eos)[0]) + 1 if (r == eos).any() else m
+           for r in new]
+  np.testing.assert_array_equal(np.asarray(res.committed).sum(0), first)
+  with pytest.raises(UserError, match="eos_id"):
+    decoding.speculative_generate(model, prompt, m, draft_layer=2, eos_id=CONFIG.vocab_size)
+
+
 def test_rollback_next_cycles_logits_equal_a_fresh_full_depth_run(model):
   """After every rejection the caches are cut back: each committed token's verification
   logits equal the full-depth logits of a fresh pass over the accepted text."""

@@ -171,6 +171,16 @@ def check_sampling(temperature: Any, top_k: Any, vocab_size: int) -> None:
     raise UserError("top_k needs temperature > 0 (greedy decoding takes the top token)")
 
 
+def check_eos(eos_id: Any, vocab_size: int) -> int:
+  """An end-of-sequence id in 0..V-1, or None (-1: no stop)."""
+  if eos_id is None:
+    return -1
+  if (not isinstance(eos_id, (int, np.integer)) or isinstance(eos_id, bool)
+      or not 0 <= eos_id < vocab_size):
+    raise UserError(f"eos_id={eos_id!r} must be a token id in 0..{vocab_size - 1} (or None)")
+  return int(eos_id)
+
+
 def check_count(value: Any, name: str, lo: int = 1, hint: str = "") -> int:
   """An integer >= lo (not a bool), or a one-line error naming `name`."""
   if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lo:

@@ -121,6 +121,7 @@ class _Options:
   sample: bool
   top_k: int  # 0 = no top-k filter
   return_logits: bool
+  eos_id: int = -1  # -1 = none
 
 # ----------------------------------------------------------------------------------------
 # Masks of the rows one layer call runs, and the keys/values of a copied state.
@@ -355,6 +356,8 @@ def decode(model: DeepSupervisionTransformer, tokens_BF: Array, threshold: Array
       next_B = jnp.argmax(st["logits"], -1).astype(jnp.int32)
     forced_B = jax.lax.dynamic_index_in_dim(carry["tokens"], t + 1, axis=1, keepdims=False)
     next_B = jnp.where(t + 1 < opts.num_forced, forced_B, next_B)
+    if opts.eos_id >= 0:  # After its end-of-sequence token a row only pads (with EOS).
+      next_B = jnp.where(carry["ended"], opts.eos_id, next_B)
 
     out = dict(carry, caches=caches, rows=st["kv"])
     out["tokens"] = jax.lax.dynamic_update_index_in_dim(carry["tokens"], next_B, t + 1, 1)
@@ -365,6 +368,8 @@ def decode(model: DeepSupervisionTransformer, tokens_BF: Array, threshold: Array
       out[key] = carry[key].at[m].set(value)
     if opts.return_logits:
       out["logits"] = jax.lax.dynamic_update_index_in_dim(carry["logits"], st["logits"], m, 1)
+    if opts.eos_id >= 0:
+      out["ended"] = carry["ended"] | ((next_B == opts.eos_id) & (t + 1 >= opts.num_forced))
     if not copy:
       out.update({key: st[key] for key in ("q_h", "q_pos", "q_depth")})
       out["q_rows"] = st["q_kv"]
@@ -380,6 +385,8 @@ def decode(model: DeepSupervisionTransformer, tokens_BF: Array, threshold: Array
   }
   if opts.return_logits:
     carry["logits"] = jnp.zeros((b, steps, cfg.vocab_size), jnp.float32)
+  if opts.eos_id >= 0:
+    carry["ended"] = jnp.zeros((b,), bool)
   if not copy:
     zeros_BQHK = jnp.zeros((b, q, nh, hk), jnp.float32)
     carry.update(q_h=jnp.zeros((b, q, d), jnp.float32), q_pos=jnp.zeros((q,), jnp.int32),
@@ -429,6 +436,7 @@ def generate(
     rng: Array | None = None,
     max_pending: int = 8,
     return_logits: bool = False,
+    eos_id: int | None = None,
 ) -> DecodeResult:
   """Generates tokens with early exit: one jitted call, KV cache, skipped layers.
 
@@ -451,6 +459,8 @@ def generate(
     rng: PRNG key for sampling (default `jax.random.key(0)`).
     max_pending: queue slots of `recompute` (pending exited positions).
     return_logits: also return every step's [B, M, V] logits.
+    eos_id: end-of-sequence token id: a row that generates it stops, and its remaining
+      positions hold `eos_id` (the batch keeps its static shape; None = no stop).
 
   Returns:
     A `DecodeResult` with `start = P - 1`; `result.new_tokens` are the M new tokens.
@@ -477,7 +487,8 @@ def generate(
   opts = _Options(exit_layers=layers, measure=measure, kv_policy=kv_policy,
                   batch_exit=batch_exit, max_pending=int(max_pending), prefill=p - 1,
                   num_steps=int(max_new_tokens), num_forced=p, sample=temperature > 0,
-                  top_k=int(top_k), return_logits=bool(return_logits))
+                  top_k=int(top_k), return_logits=bool(return_logits),
+                  eos_id=compiled.check_eos(eos_id, model.config.vocab_size))
   rng = compiled.default_rng() if rng is None else rng
   return compiled.call(decode, model, prompt_BP, threshold,
                        np.float32(max(temperature, 1e-6)), rng, opts=opts)

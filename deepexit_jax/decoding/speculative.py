@@ -72,6 +72,8 @@ class SpeculativeResult:
       had stopped).
     drafted: int32 [C, B] tokens the row drafted in each cycle.
     accepted: int32 [C, B] drafted tokens the verification accepted.
+    committed: int32 [C, B] tokens the cycle added to the row (accepted + 1, fewer when
+      an end-of-sequence token ended the row).
     draft_iterations: int32 [C] iterations of the draft loop the batch ran (0 = no cycle).
     logits: float32 [B, M, V] the full-depth logits (of a verification) that chose each
       new token (None unless requested).
@@ -82,6 +84,7 @@ class SpeculativeResult:
   cycle_length: Array
   drafted: Array
   accepted: Array
+  committed: Array
   draft_iterations: Array
   logits: Array | None = None
   prompt_len: int = flax.struct.field(pytree_node=False, default=0)
@@ -106,8 +109,8 @@ class SpeculativeResult:
 
   @property
   def tokens_per_cycle(self) -> float:
-    """Mean new tokens per verification pass, over all rows."""
-    return float(np.asarray(self.new_tokens).size / self.cycles.sum())
+    """Mean tokens committed per verification pass, over all rows."""
+    return float(np.asarray(self.committed).sum() / self.cycles.sum())
 
   @property
   def num_cycles(self) -> int:
@@ -126,6 +129,7 @@ class _Options:
   adaptive: bool  # stop a row's draft when its confidence < the threshold
   measure: str
   return_logits: bool
+  eos_id: int  # -1 = none
 
 
 @flax.struct.dataclass
@@ -306,6 +310,11 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array, thre
     new_BR = jnp.concatenate([drafts_BK, jnp.zeros((b, 1), jnp.int32)], 1)
     new_BR = jnp.where(r_R[None] == acc_B[:, None], final_B.astype(jnp.int32)[:, None], new_BR)
     write_BR = (r_R[None] <= acc_B[:, None]) & active_B[:, None]
+    ended_B = jnp.zeros((b,), bool)
+    if opts.eos_id >= 0:  # A row ends at its first EOS; the buffer already holds EOS after.
+      eos_BR = write_BR & (new_BR == opts.eos_id)
+      ended_B = jnp.any(eos_BR, 1)
+      write_BR = write_BR & (jnp.cumsum(eos_BR, 1) - eos_BR == 0)
     tokens_BW = tokens_BW.at[b_B[:, None], jnp.where(write_BR, length_B[:, None] + r_R[None],
                                                      width)].set(new_BR, mode="drop")
     if opts.return_logits:  # New token i of a row sits at index i = position - P.
@@ -313,10 +322,12 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array, thre
       out_logits = carry["logits"].at[b_B[:, None], at_BR].set(logits_BRV, mode="drop")
     out = dict(carry, c=c + 1, tokens=tokens_BW, caches=caches, draft_rows=st.rows,
                verify_rows=(kv, pos_BR),
-               length=jnp.where(active_B, length_B + acc_B + 1, length_B))
+               length=jnp.where(ended_B, total,
+                                jnp.where(active_B, length_B + acc_B + 1, length_B)))
     for name, value in (("cycle_length", jnp.where(active_B, length_B, 0)),
                         ("drafted", jnp.where(active_B, st.num_B, 0)),
-                        ("accepted", jnp.where(active_B, acc_B, 0))):
+                        ("accepted", jnp.where(active_B, acc_B, 0)),
+                        ("committed", jnp.sum(write_BR, 1, dtype=jnp.int32))):
       out[name] = carry[name].at[c].set(value)
     out["draft_iterations"] = carry["draft_iterations"].at[c].set(st.j)
     if opts.return_logits:
@@ -331,16 +342,18 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array, thre
       "verify_rows": ([(zeros_BRHK, zeros_BRHK)] * (n - e),
                       jnp.broadcast_to(nowhere_B[:, None], (b, r))),
       "c": jnp.int32(0), "length": jnp.full((b,), p, jnp.int32),
-      "tokens": jnp.zeros((b, width), jnp.int32).at[:, :p].set(prompt_BP), "caches": caches,
+      "tokens": jnp.full((b, width), max(opts.eos_id, 0), jnp.int32).at[:, :p].set(prompt_BP),
+      "caches": caches,
       "cycle_length": jnp.zeros((m, b), jnp.int32), "drafted": jnp.zeros((m, b), jnp.int32),
-      "accepted": jnp.zeros((m, b), jnp.int32), "draft_iterations": jnp.zeros((m,), jnp.int32),
+      "accepted": jnp.zeros((m, b), jnp.int32), "committed": jnp.zeros((m, b), jnp.int32),
+      "draft_iterations": jnp.zeros((m,), jnp.int32),
   }
   if opts.return_logits:
     carry["logits"] = jnp.zeros((b, m, v), jnp.float32)
   carry = jax.lax.while_loop(lambda c: jnp.any(c["length"] < total), cycle, carry)
   return SpeculativeResult(
       tokens=carry["tokens"][:, :total], cycle_length=carry["cycle_length"],
-      drafted=carry["drafted"], accepted=carry["accepted"],
+      drafted=carry["drafted"], accepted=carry["accepted"], committed=carry["committed"],
       draft_iterations=carry["draft_iterations"], logits=carry.get("logits"), prompt_len=p, draft_layer=e,
       draft_len=kd)
 
@@ -358,6 +371,7 @@ def speculative_generate(
     draft_threshold: float | None = None,
     draft_measure: str = "softmax",
     return_logits: bool = False,
+    eos_id: int | None = None,
 ) -> SpeculativeResult:
   """Generates tokens by self-speculation: exactly the full model's greedy tokens (or, when
   sampling, exactly its distribution), several tokens per full-depth pass.
@@ -380,6 +394,8 @@ def speculative_generate(
       (`draft_measure`) falls below this (None = always draft `draft_len`).
     draft_measure: "softmax", "margin", "entropy" or "state" (as in `predict_with_exit`).
     return_logits: also return the full-depth logits that chose each new token.
+    eos_id: end-of-sequence token id: a row stops at it and its remaining positions hold
+      `eos_id` (it stops counting cycles; the batch keeps its shape). None = no stop.
 
   Returns:
     A `SpeculativeResult`; `speculative_cost(model.config, result)` gives its FLOPs.
@@ -419,7 +435,8 @@ def speculative_generate(
     threshold = np.float32(-np.inf)
   opts = _Options(draft_layer=e, draft_len=k, prompt_len=p, num_new=m, sample=temperature > 0,
                   top_k=int(top_k), adaptive=adaptive, measure=draft_measure,
-                  return_logits=bool(return_logits))
+                  return_logits=bool(return_logits),
+                  eos_id=compiled.check_eos(eos_id, cfg.vocab_size))
   rng = compiled.default_rng() if rng is None else rng
   return compiled.call(speculative_decode, model, prompt_BP, threshold,
                        np.float32(max(temperature, 1e-6)), rng, opts=opts)
