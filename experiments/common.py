@@ -72,26 +72,47 @@ def mean_std(xs: list[float], digits: int = 3) -> str:
   return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f} ({len(xs)} seeds)"
 
 
-def compare(name_a: str, a: list[float], name_b: str, b: list[float]) -> tuple[float, float, str]:
-  """Mean difference a - b of two PPL samples, its standard error, and the verdict.
+def compare(name_a: str, a: dict[int, float], name_b: str, b: dict[int, float], *,
+            same_model: bool = False) -> tuple[float, float, str]:
+  """Mean difference a - b of two seed -> PPL samples, its standard error, and the verdict.
 
-  The seeds of two models are independent samples (different architectures, so a
-  shared seed does not pair them), so SE = sqrt(var_a / n_a + var_b / n_b). A model
-  is said to beat the other only where |gap| > 2 SE.
+  Between two models the verdict uses SE = sqrt(var_a / n_a + var_b / n_b), as if
+  their seeds were independent samples (conservative: a shared seed also shares the
+  data order, which moves every model's PPL the same way); the seed-paired SE over
+  the seeds both have is reported beside it. Two settings of the same trained
+  models (`same_model`, e.g. full depth and every token at the exit) are paired by
+  seed: SE = std(a_s - b_s) / sqrt(n). A claim that one beats the other is made only
+  where |gap| > 2 SE.
 
   Returns:
     (gap, se, sentence); se is nan with fewer than 2 seeds on either side.
   """
-  gap = statistics.mean(a) - statistics.mean(b)
+  gap = statistics.mean(a.values()) - statistics.mean(b.values())
   if len(a) < 2 or len(b) < 2:
     return gap, math.nan, (f"{name_a} − {name_b} = {gap:+.3f} from a single seed: no claim "
                            "(fewer than 2 seeds)")
-  se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+  common_seeds = sorted(set(a) & set(b))
+  paired_se = (statistics.stdev([a[s] - b[s] for s in common_seeds]) / math.sqrt(
+      len(common_seeds)) if len(common_seeds) > 1 else math.nan)
+  paired_gap = (statistics.mean([a[s] - b[s] for s in common_seeds]) if common_seeds
+                else math.nan)
+  if same_model:
+    gap, se, how, extra = paired_gap, paired_se, ", paired by seed", ""
+  else:
+    se = math.sqrt(statistics.variance(a.values()) / len(a)
+                   + statistics.variance(b.values()) / len(b))
+    how = ""
+    extra = ("" if math.isnan(paired_se) else
+             f"; paired by seed (shared data order): {paired_gap:+.3f} ± {paired_se:.3f}"
+             + (", beyond 2 SE paired: a hint from "
+                f"{len(common_seeds)} seeds, not claimed here"
+                if abs(paired_gap) > 2 * paired_se and abs(gap) <= 2 * se else ""))
+  text = f"{name_a} − {name_b} = {gap:+.3f} ± {se:.3f} SE{how}"
   if abs(gap) > 2 * se:
     better, worse = (name_a, name_b) if gap < 0 else (name_b, name_a)
-    return gap, se, f"{better} beats {worse} ({name_a} − {name_b} = {gap:+.3f} ± {se:.3f} SE)"
+    return gap, se, f"{better} beats {worse} ({text}{extra})"
   return gap, se, (f"no difference detected at this budget between {name_a} and {name_b} "
-                   f"({name_a} − {name_b} = {gap:+.3f} ± {se:.3f} SE, within 2 SE)")
+                   f"({text}, within 2 SE{extra})")
 
 
 def recipe_lines(cfg: ExperimentConfig, steps_per_epoch: int | None) -> list[str]:

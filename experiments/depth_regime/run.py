@@ -124,8 +124,8 @@ class Level:
   """One compute level: each model family's front PPL there, one value per finished seed."""
 
   flops: float
-  static: list[float]
-  early: dict[str, dict[str, list[float]]]  # model -> policy -> per-seed PPL
+  static: dict[int, float]  # seed -> PPL
+  early: dict[str, dict[str, dict[int, float]]]  # model -> policy -> seed -> PPL
 
 
 def levels(sweeps: dict[Run, list[SweepRow]], statics: dict[Run, SweepRow]) -> list[Level]:
@@ -135,11 +135,12 @@ def levels(sweeps: dict[Run, list[SweepRow]], statics: dict[Run, SweepRow]) -> l
   seeds = sorted({run.seed for run in statics})
   out = []
   for c in (s4, *LEVELS):
-    static = [best_at([r for run, r in statics.items() if run.seed == s], c) for s in seeds]
-    early = {m: {p: [best_at(front(rows, p), c) for run, rows in sorted(
-        sweeps.items(), key=lambda kv: kv[0].seed) if run.model == m] for p in POLICIES}
+    static = {s: best_at([r for run, r in statics.items() if run.seed == s], c) for s in seeds}
+    early = {m: {p: {run.seed: best_at(front(rows, p), c) for run, rows in sorted(
+        sweeps.items(), key=lambda kv: kv[0].seed) if run.model == m} for p in POLICIES}
         for m in EARLY_EXIT}
-    out.append(Level(c, [x for x in static if math.isfinite(x)], early))
+    early = {m: {p: _finite(d) for p, d in pd.items()} for m, pd in early.items()}
+    out.append(Level(c, _finite(static), early))
   return out
 
 
@@ -150,8 +151,11 @@ def _pct(x: float) -> str:
   return f"{100 * x:.1f}%"
 
 
-def _cmp_cell(a: list[float], b: list[float]) -> str:
-  a = [x for x in a if math.isfinite(x)]
+def _finite(d: dict[int, float]) -> dict[int, float]:
+  return {k: v for k, v in d.items() if math.isfinite(v)}
+
+
+def _cmp_cell(a: dict[int, float], b: dict[int, float]) -> str:
   if not a:
     return "no point at this compute"
   if not b:
@@ -177,15 +181,14 @@ def plot(lv: list[Level], sweeps, statics, path: str) -> None:
       ax.plot([100 * r.flops_fraction for r in f], [r.ppl for r in f], "-", lw=0.8,
               alpha=0.35, color=colors[run.model])
     for m in EARLY_EXIT:
-      pts = [(100 * v.flops, v.early[m][p]) for v in lv
-             if [x for x in v.early[m][p] if math.isfinite(x)]]
+      pts = [(100 * v.flops, v.early[m][p]) for v in lv if v.early[m][p]]
       if pts:
-        ys = [[x for x in y if math.isfinite(x)] for _, y in pts]
+        ys = [list(y.values()) for _, y in pts]
         ax.errorbar([x for x, _ in pts], [statistics.mean(y) for y in ys],
                     yerr=[statistics.stdev(y) if len(y) > 1 else 0 for y in ys], fmt="o-",
                     drawstyle="steps-post",
                     capsize=3, color=colors[m], label=f"{LABELS[m]} front (mean ± std)")
-    pts = [(100 * v.flops, v.static) for v in lv if v.static]
+    pts = [(100 * v.flops, list(v.static.values())) for v in lv if v.static]
     if pts:
       ax.errorbar([x for x, _ in pts], [statistics.mean(y) for _, y in pts],
                   yerr=[statistics.stdev(y) if len(y) > 1 else 0 for _, y in pts],
@@ -267,7 +270,7 @@ def write_results(done, missing, sweeps, statics, lv) -> None:
   ee_cfg = Run("early_exit", 0).config()
   first = read_eval_records(done[0].workdir)[0]
   steps_per_epoch = round(first["step"] / first["epoch"])
-  ppl = {m: [v for _, v in vals] for m, vals in seed_ppl(sweeps, statics).items()}
+  ppl = {m: dict(vals) for m, vals in seed_ppl(sweeps, statics).items()}
   walls = {}
   for r in done:
     w = common.wall_seconds(r.workdir)
@@ -306,8 +309,11 @@ def write_results(done, missing, sweeps, statics, lv) -> None:
       "- Statistics: mean ± standard deviation over seeds (the seed drives "
       "initialisation, data order and dropout). A model is said to beat another only "
       "where the mean gap exceeds twice its standard error, SE = sqrt(var_a/n_a + "
-      "var_b/n_b) (seeds of different models treated as independent); otherwise "
-      "\"no difference detected at this budget\".", "",
+      "var_b/n_b), as if the seeds of different models were independent (conservative: "
+      "one seed gives every model the same data order; the seed-paired gap is shown "
+      "beside it); two settings of the same early-exit models are paired by seed (SE = "
+      "std of the per-seed differences / sqrt(n)). Otherwise: \"no difference detected "
+      "at this budget\".", "",
   ]
   if missing:
     lines += ["**Incomplete**: not yet trained: " + ", ".join(
@@ -332,16 +338,21 @@ def write_results(done, missing, sweeps, statics, lv) -> None:
   for run, r in statics.items():
     flops[f"static_{run.model[6:]}"] = r.flops_fraction
   for m, vals in ppl.items():
-    lines.append(f"| `{m}` | {len(vals)} | {common.mean_std(vals)} | {_pct(flops[m])} |")
+    lines.append(f"| `{m}` | {len(vals)} | {common.mean_std(list(vals.values()))} | "
+                 f"{_pct(flops[m])} |")
   lines += ["", "Every seed's value: `seeds.csv`; every sweep point of every seed: "
             "`points.csv`.", "", "Pairwise, by the 2-SE rule:", ""]
   pairs = [("static_8", "static_4"), ("early_exit_full", "static_8"),
            ("early_exit_all_at_4", "static_4"), ("early_exit_kd_full", "static_8"),
            ("early_exit_kd_all_at_4", "static_4"), ("early_exit_kd_full", "early_exit_full"),
-           ("early_exit_kd_all_at_4", "early_exit_all_at_4")]
+           ("early_exit_kd_all_at_4", "early_exit_all_at_4"),
+           ("early_exit_all_at_4", "early_exit_full")]
   for a, b in pairs:
     if ppl.get(a) and ppl.get(b):
-      lines.append("- " + common.compare(f"`{a}`", ppl[a], f"`{b}`", ppl[b])[2] + ".")
+      same = a.startswith("early_exit") and b.startswith("early_exit") and (
+          a.startswith("early_exit_kd") == b.startswith("early_exit_kd"))
+      lines.append("- " + common.compare(f"`{a}`", ppl[a], f"`{b}`", ppl[b],
+                                         same_model=same)[2] + ".")
   if not any(ppl.get(a) and ppl.get(b) for a, b in pairs):
     lines.append("- (no pair of models has finished yet)")
   present = [m for m in EARLY_EXIT if any(r.model == m for r in sweeps)]
@@ -359,10 +370,10 @@ def write_results(done, missing, sweeps, statics, lv) -> None:
     cells = []
     for m in present:
       for p in POLICIES:
-        e = [x for x in v.early[m][p] if math.isfinite(x)]
-        cells += [common.mean_std(e) if e else "—", _cmp_cell(v.early[m][p], v.static)
-                  if v.early[m][p] else "—"]
-    lines.append(f"| {_pct(v.flops)} | {common.mean_std(v.static)} | " + " | ".join(cells)
+        e = v.early[m][p]
+        cells += [common.mean_std(list(e.values())) if e else "—", _cmp_cell(e, v.static)]
+    lines.append(f"| {_pct(v.flops)} | {common.mean_std(list(v.static.values()))} | "
+                 + " | ".join(cells)
                  + " |")
   lines += ["", "![fronts with error bars](depth_regime.png)", "", "## Answer", ""]
   lines += answer(lv) or ["Needs finished static models."]
@@ -385,7 +396,7 @@ def answer(lv: list[Level]) -> list[str]:
     for p in POLICIES:
       below, tied, above, single = [], [], [], []
       for v in lv:
-        e = [x for x in v.early[m][p] if math.isfinite(x)]
+        e = v.early[m][p]
         if not e or not v.static:
           continue
         gap, se, _ = common.compare("a", e, "b", v.static)
@@ -393,7 +404,7 @@ def answer(lv: list[Level]) -> list[str]:
           single.append(f"{_pct(v.flops)} ({gap:+.3f})")
         elif gap < -2 * se:
           below.append(f"{_pct(v.flops)} ({gap:+.3f} ± {se:.3f} PPL, "
-                       f"{100 * gap / statistics.mean(v.static):+.2f}%)")
+                       f"{100 * gap / statistics.mean(v.static.values()):+.2f}%)")
         elif gap > 2 * se:
           above.append(f"{_pct(v.flops)} ({gap:+.3f} ± {se:.3f})")
         else:

@@ -134,7 +134,7 @@ def write_seeds_csv(per_seed: dict[int, dict[str, sweep.SweepRow]], path: str) -
 def _seed_section(per_seed: dict[int, dict[str, sweep.SweepRow]]) -> list[str]:
   """Mean ± std over seeds, and every pairwise claim by the 2-SE rule."""
   models = ("early_exit_full", "early_exit_all_at_2", "static_2", "static_4")
-  ppl = {m: [rows[m].ppl for rows in per_seed.values()] for m in models}
+  ppl = {m: {s: rows[m].ppl for s, rows in per_seed.items()} for m in models}
   flops = {m: per_seed[0][m].flops_fraction for m in models}
   walls = {m: [w / 60 for s in per_seed if (w := common.wall_seconds(
       _workdir({"early_exit_full": "early_exit", "early_exit_all_at_2": "early_exit",
@@ -146,13 +146,18 @@ def _seed_section(per_seed: dict[int, dict[str, sweep.SweepRow]]) -> list[str]:
            "run (min) |", "|---|---|---|---|"]
   for m in models:
     w = ", ".join(f"{x:.1f}" for x in walls[m]) if walls[m] else "not recorded"
-    lines.append(f"| `{m}` | {common.mean_std(ppl[m])} | {100 * flops[m]:.1f}% | {w} |")
+    lines.append(f"| `{m}` | {common.mean_std(list(ppl[m].values()))} | {100 * flops[m]:.1f}% | {w} |")
   lines += ["", "A claim that A beats B is made only where the gap of the means exceeds "
-            "twice its standard error (SE = sqrt(var_A/n_A + var_B/n_B)):", ""]
+            "twice its standard error: SE = sqrt(var_A/n_A + var_B/n_B) between different "
+            "models, as if their seeds were independent (conservative: one seed gives every "
+            "model the same data order; the seed-paired gap is shown beside it); std of the per-seed differences / sqrt(n) between two settings of the "
+            "same early-exit models (paired by seed):", ""]
   for a, b in (("static_2", "early_exit_all_at_2"), ("static_2", "early_exit_full"),
                ("early_exit_full", "static_4"), ("static_2", "static_4"),
                ("early_exit_full", "early_exit_all_at_2")):
-    lines.append("- " + common.compare(f"`{a}`", ppl[a], f"`{b}`", ppl[b])[2] + ".")
+    same = a.startswith("early_exit") and b.startswith("early_exit")
+    lines.append("- " + common.compare(f"`{a}`", ppl[a], f"`{b}`", ppl[b],
+                                       same_model=same)[2] + ".")
   return lines
 
 
@@ -190,8 +195,8 @@ def write_results(result: sweep.SweepReport, ref: list[dict], dirs: dict[str, st
       f"Seed 0: full depth PPL {full.ppl:.2f} (reference 14.07); static 2-layer "
       f"{s2.ppl:.2f} at {100 * s2.flops_fraction:.1f}% FLOPs; static 4-layer {s4.ppl:.2f}; "
       f"every token at layer 2 (threshold 0) {thr0.ppl:.2f} at "
-      f"{100 * thr0.flops_fraction:.1f}% FLOPs. Single-seed gaps of this size are within "
-      "the seed spread above.", "",
+      f"{100 * thr0.flops_fraction:.1f}% FLOPs. Which of these gaps exceed the seed-to-seed "
+      "noise is for the seed table above to say.", "",
       "## Validation PPL during training (seed 0, per epoch, per layer exit)", "",
       *_history_table(dirs), "",
       f"After epoch 1 the reference model's full-depth PPL is {first['layer_ppl'][-1]:.2f}.",
