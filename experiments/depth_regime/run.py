@@ -377,6 +377,17 @@ def write_results(done, missing, sweeps, statics, lv) -> None:
                  + " |")
   lines += ["", "![fronts with error bars](depth_regime.png)", "", "## Answer", ""]
   lines += answer(lv) or ["Needs finished static models."]
+  lines += ["", "## Validation PPL per epoch (seed 0; is the budget converged?)", "",
+            "| model | layer | " + " | ".join(f"epoch {e}" for e in range(1, 5)) + " |",
+            "|---|---|" + "---|" * 4]
+  for r in done:
+    if r.seed != 0:
+      continue
+    recs = read_eval_records(r.workdir)
+    n = len(recs[0]["layer_ppl"])
+    for layer in sorted({*r.config().exit_layers, n}):
+      lines.append(f"| {LABELS[r.model]} | L{layer} | "
+                   + " | ".join(f"{x['layer_ppl'][layer - 1]:.3f}" for x in recs) + " |")
   seed0 = next((r for r in sweeps if r.model == "early_exit" and r.seed == 0), None)
   if seed0:
     lines += ["", "## Sweep of `early_exit` seed 0 (single seed)", "",
