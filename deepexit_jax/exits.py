@@ -102,7 +102,9 @@ ROUTINGS = ("token", "sequence")
 DECAY_FORMS = ("exponential", "calm")
 # Measures whose useful thresholds are >= 0; a negative one is a sign mix-up.
 _NONNEGATIVE_MEASURES = ("softmax", "margin", "state")
-_LOGIT_MEASURES = ("softmax", "margin", "entropy")
+# The measures computed from the exit head's logits (each check pays for the head).
+LOGIT_MEASURES = ("softmax", "margin", "entropy")
+_LOGIT_MEASURES = LOGIT_MEASURES
 
 
 @runtime_checkable
@@ -199,6 +201,11 @@ _LOGIT_MEASURE_FNS = {
 }
 
 
+def logit_confidence(measure: str, logits_XV: Array) -> Array:
+  """Confidence of one of `LOGIT_MEASURES` from logits (float32)."""
+  return _LOGIT_MEASURE_FNS[measure](logits_XV)
+
+
 def _confidence_from_logp(measure: str, logp_BTV: Array) -> Array:
   """The logit measures from log-probabilities, which need no second normalisation."""
   if measure == "softmax":
@@ -217,7 +224,7 @@ def _confidence(measure: str, probe: Any, logits_BTV: Array | None, h_in_BTD: Ar
     return _LOGIT_MEASURE_FNS[measure](logits_BTV)
   if measure == "state":
     return state_confidence(h_in_BTD, h_out_BTD)
-  return jnp.asarray(probe(h_in_BTD, h_out_BTD, layer), jnp.float32)
+  return probe_confidence(probe, h_in_BTD, h_out_BTD, layer)
 
 
 # ----------------------------------------------------------------------------------------
@@ -566,16 +573,45 @@ def _copy(model: DeepSupervisionTransformer, probe: Any, tokens_BT: Array,
   return run(threshold) if threshold.ndim == 0 else jax.lax.map(run, threshold)
 
 
+def split_probe(probe: Any) -> tuple[Any, Any, int]:
+  """A confidence probe as (static part, traced part, FLOPs per evaluation) for a jit.
+
+  An `nnx.Module` splits into its graphdef (static) and state (traced); a hashable probe
+  is static; an array pytree (e.g. a `probes.SaturationProbe`) is traced, so new weights
+  never recompile. None gives (None, None, 0). `merge_probe` undoes it inside the jit.
+  """
+  if probe is None:
+    return None, None, 0
+  probe_flops = getattr(probe, "flops_per_token", None)
+  if not isinstance(probe_flops, (int, np.integer)) or probe_flops < 0:
+    raise UserError(f"probe.flops_per_token must be an int >= 0, got {probe_flops!r}: "
+                    "set it to the FLOPs one evaluation costs per token")
+  if isinstance(probe, nnx.Module):
+    return (*nnx.split(probe), int(probe_flops))
+  if _is_hashable(probe):
+    return probe, None, int(probe_flops)
+  return None, probe, int(probe_flops)  # An array pytree.
+
+
+def merge_probe(static_probe: Any, dynamic_probe: Any) -> Any:
+  """The probe `split_probe` split."""
+  if isinstance(static_probe, nnx.GraphDef):
+    return nnx.merge(static_probe, dynamic_probe)
+  return static_probe if dynamic_probe is None else dynamic_probe
+
+
+def probe_confidence(probe: Any, h_in_XD: Array, h_out_XD: Array, layer: Array) -> Array:
+  """A probe's confidence, float32 (what the exit rule compares with the threshold)."""
+  return jnp.asarray(probe(h_in_XD, h_out_XD, layer), jnp.float32)
+
+
 # The model travels as (graphdef, state) through a plain `jax.jit`, not `nnx.jit`: nothing
 # is written back to the caller's module, so this also works under an outer `jax.jit`.
 def _predict(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: Array,
                  threshold: Array, targets_BT: Array | None, dynamic_probe: Any, *,
                  static_probe: Any, opts: _Options) -> ExitResult:
   model = nnx.merge(graphdef, state)
-  if isinstance(static_probe, nnx.GraphDef):
-    probe = nnx.merge(static_probe, dynamic_probe)
-  else:
-    probe = static_probe if dynamic_probe is None else dynamic_probe
+  probe = merge_probe(static_probe, dynamic_probe)
   engine = _oracle if opts.kv_policy == "oracle" else _copy
   result = engine(model, probe, tokens_BT, threshold, targets_BT, opts)
   # Without logits in the outputs XLA drops their per-threshold gather (sweeps).
@@ -774,19 +810,7 @@ def predict_with_exit(
       config.num_layers, exit_layers=exit_layers, measure=measure, kv_policy=kv_policy,
       routing=routing, seq_quantile=seq_quantile, threshold_decay=threshold_decay,
       threshold_decay_form=threshold_decay_form))
-  probe_flops = 0
-  static_probe = dynamic_probe = None
-  if probe is not None:
-    probe_flops = getattr(probe, "flops_per_token", None)
-    if not isinstance(probe_flops, (int, np.integer)) or probe_flops < 0:
-      raise UserError(f"probe.flops_per_token must be an int >= 0, got {probe_flops!r}: "
-                      "set it to the FLOPs one evaluation costs per token")
-    if isinstance(probe, nnx.Module):
-      static_probe, dynamic_probe = nnx.split(probe)
-    elif _is_hashable(probe):
-      static_probe = probe
-    else:  # An array pytree, e.g. a flax.struct.dataclass of weights.
-      dynamic_probe = probe
+  static_probe, dynamic_probe, probe_flops = split_probe(probe)
   opts = _Options(exit_layers=layers, measure=measure, kv_policy=kv_policy, routing=routing,
                   seq_quantile=float(seq_quantile), threshold_decay=float(threshold_decay),
                   probe_flops=int(probe_flops), return_logits=bool(return_logits),

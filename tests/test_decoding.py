@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -348,3 +349,50 @@ def test_decode_cost_at_batch_three_is_the_hand_count(kv_policy, batch_exit):
   assert (rec_M.sum() > 0) == (kv_policy == "recompute")
   if batch_exit == "row":
     assert cost.executed > cost.ideal  # rows wait for the deepest one
+
+
+@flax.struct.dataclass
+class _DeltaProbe:
+  """A learned-probe stand-in: sigmoid(w . (h_out - h_in) + c * layer), traced weights."""
+
+  w: jax.Array
+  c: jax.Array
+  flops_per_token: int = flax.struct.field(pytree_node=False, default=37)
+
+  def __call__(self, h_in, h_out, layer):
+    return jax.nn.sigmoid(jnp.sum((h_out - h_in) * self.w, -1) + self.c * layer)
+
+
+@pytest.mark.parametrize("kv_policy", decoding.KV_POLICIES)
+def test_probe_measure_decodes_as_the_emulation_and_costs_its_flops(kv_policy):
+  model, tokens = _model(), _tokens()
+  rng = np.random.default_rng(4)
+  probe = _DeltaProbe(w=jnp.asarray(rng.normal(0, 1, CONFIG.dim), jnp.float32),
+                      c=jnp.float32(0.3))
+  emu_policy = decoding.EMULATED_POLICY[kv_policy]
+  conf = np.asarray(exits.predict_with_exit(model, tokens, np.inf, exit_layers=EXITS,
+                                            measure="probe", probe=probe,
+                                            kv_policy=emu_policy).confidence)
+  thr = float(np.median(conf))
+  res = decoding.decode_teacher_forced(model, tokens, thr, exit_layers=EXITS, measure="probe",
+                                       probe=probe, kv_policy=kv_policy)
+  emu = exits.predict_with_exit(model, tokens, thr, exit_layers=EXITS, measure="probe",
+                                probe=probe, kv_policy=emu_policy)
+  exit_layer = np.asarray(emu.exit_layer)
+  assert (exit_layer < N).any() and (exit_layer == N).any()
+  _assert_equals_emulation(res, emu)
+  # The ideal cost is the emulation's own count, probe FLOPs per check included.
+  cost = decoding.decode_cost(CONFIG, res, measure="probe", kv_policy=kv_policy,
+                              probe_flops=probe.flops_per_token)
+  counter = exits.FlopCounter.from_config(CONFIG)
+  t = np.arange(tokens.shape[1])
+  np.testing.assert_allclose(cost.ideal, float(np.sum(
+      np.asarray(emu.flops_fraction) * counter.full_depth(t))), rtol=1e-5)
+  # New probe weights are traced: no recompile; a probe needs measure="probe".
+  jitted = decoding.compiled.decoder_of(decoding.early_exit.decode, model)
+  size = jitted._cache_size()
+  decoding.decode_teacher_forced(model, tokens, thr, exit_layers=EXITS, measure="probe",
+                                 probe=probe.replace(c=jnp.float32(0.5)), kv_policy=kv_policy)
+  assert jitted._cache_size() == size
+  with pytest.raises(UserError, match="needs probe"):
+    decoding.generate(model, tokens[:, :3], 2, thr, exit_layers=EXITS, probe=probe)

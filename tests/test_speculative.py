@@ -266,3 +266,25 @@ def test_binary_speculative_prints_acceptance_and_speedup(tiny_config, tmp_path_
       timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
   assert bad.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_probe_as_the_draft_measure(model):
+  import flax.struct
+
+  @flax.struct.dataclass
+  class Probe:
+    w: jax.Array
+    flops_per_token: int = flax.struct.field(pytree_node=False, default=5)
+
+    def __call__(self, h_in, h_out, layer):
+      return jax.nn.sigmoid(jnp.sum((h_out - h_in) * self.w, -1))
+
+  prompt = _prompt()
+  probe = Probe(w=jnp.asarray(np.random.default_rng(0).normal(0, 1, CONFIG.dim), jnp.float32))
+  res = decoding.speculative_generate(model, prompt, 16, draft_layer=2, draft_len=4,
+                                      draft_threshold=0.5, draft_measure="probe", probe=probe)
+  np.testing.assert_array_equal(np.asarray(res.tokens), _greedy(model, prompt, 16))
+  plain = decoding.speculative_generate(model, prompt, 16, draft_layer=2, draft_len=4)
+  assert 0 < np.asarray(res.drafted).sum() < np.asarray(plain.drafted).sum()
+  with pytest.raises(UserError, match="draft_measure='probe'"):
+    decoding.speculative_generate(model, prompt, 4, draft_layer=2, probe=probe)

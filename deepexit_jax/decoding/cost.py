@@ -42,8 +42,9 @@ class DecodeCost:
 
 
 def decode_cost(config: ModelConfig, result: DecodeResult, *, measure: str = "softmax",
-                kv_policy: str = "copy") -> DecodeCost:
-  """FLOP accounting of `result` (module docstring of `exits` for the formulas)."""
+                kv_policy: str = "copy", probe_flops: int = 0) -> DecodeCost:
+  """FLOP accounting of `result` (module docstring of `exits` for the formulas);
+  `probe_flops`: the probe's `flops_per_token` (measure "probe")."""
   counter = exits.FlopCounter.from_config(config)
   n = config.num_layers
   exit_BM = np.asarray(result.exit_layer, np.float64)
@@ -52,17 +53,19 @@ def decode_cost(config: ModelConfig, result: DecodeResult, *, measure: str = "so
   layers = np.asarray(result.exit_layers, np.float64)
   checks_BM = (exit_BM[..., None] >= layers).sum(-1) if len(layers) else np.zeros_like(exit_BM)
   emulated = EMULATED_POLICY[kv_policy]
-  ideal = counter.token(t_M, exit_BM, checks_BM, measure=measure, kv_policy=emulated).sum()
+  ideal = counter.token(t_M, exit_BM, checks_BM, measure=measure, kv_policy=emulated,
+                        probe_flops=probe_flops).sum()
   run_M = np.asarray(result.layers_run, np.float64)
   checks_M = np.asarray(result.checks, np.float64)
   block_M = counter.block(t_M)
   executed_M = run_M * block_M + np.asarray(result.recomputed_layers) * block_M
   if kv_policy == "copy":
     executed_M = executed_M + (n - run_M) * counter.kv
-  if measure in exits._LOGIT_MEASURES:
+  if measure in exits.LOGIT_MEASURES:
     executed_M = executed_M + checks_M * counter.head + (run_M == n) * counter.head
   else:
-    executed_M = executed_M + counter.head + checks_M * counter.cosine
+    per_check = counter.cosine if measure == "state" else probe_flops
+    executed_M = executed_M + counter.head + checks_M * per_check
   return DecodeCost(
       full_depth=float(b * counter.full_depth(t_M).sum()), ideal=float(ideal),
       executed=float(b * executed_M.sum()), mean_exit_layer=float(exit_BM.mean()),

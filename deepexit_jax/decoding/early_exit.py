@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import flax.struct
 import jax
@@ -61,7 +62,7 @@ KV_POLICIES = ("copy", "recompute")
 BATCH_EXITS = ("sync", "row")
 # The learned probes are not supported: their per-token cost and state would need a
 # decoding-time interface of their own.
-MEASURES = ("softmax", "margin", "entropy", "state")
+MEASURES = ("softmax", "margin", "entropy", "state", "probe")
 # The emulation's name for the same semantics as each decoding policy.
 EMULATED_POLICY = {"copy": "copy", "recompute": "oracle"}
 
@@ -122,6 +123,7 @@ class _Options:
   top_k: int  # 0 = no top-k filter
   return_logits: bool
   eos_id: int = -1  # -1 = none
+  static_probe: Any = None  # `exits.split_probe`'s static part (measure "probe")
 
 # ----------------------------------------------------------------------------------------
 # Masks of the rows one layer call runs, and the keys/values of a copied state.
@@ -169,9 +171,11 @@ def _segments(exit_layers: tuple[int, ...], n: int) -> list[tuple[int, int]]:
 
 
 def decode(model: DeepSupervisionTransformer, tokens_BF: Array, threshold: Array,
-           temperature: Array, rng: Array, *, opts: _Options) -> DecodeResult:
+           temperature: Array, rng: Array, dynamic_probe: Any, *, opts: _Options
+           ) -> DecodeResult:
   """The traced early-exit decoder (`generate` and `decode_teacher_forced` jit it through
   `compiled.call`): prefill, then `opts.num_steps` decode steps in one `fori_loop`."""
+  probe = exits.merge_probe(opts.static_probe, dynamic_probe)
   cfg = model.config
   n, s, e, q, d = cfg.num_layers, cfg.max_len, len(opts.exit_layers), opts.max_pending, cfg.dim
   nh, hk = cfg.num_heads, cfg.head_dim
@@ -270,17 +274,20 @@ def decode(model: DeepSupervisionTransformer, tokens_BF: Array, threshold: Array
       """The exit check at exit layer `opts.exit_layers[j]`."""
       st = dict(st)
       k = opts.exit_layers[j]
-      if opts.measure in exits._LOGIT_MEASURES:
+      if opts.measure in exits.LOGIT_MEASURES:
         logits_BV = head(st["h"])
-        conf_B = exits._confidence(opts.measure, None, logits_BV, None, None, jnp.int32(k))
-      else:
+        conf_B = exits.logit_confidence(opts.measure, logits_BV)
+      elif opts.measure == "state":
         logits_BV = None
         conf_B = exits.state_confidence(st["h_in"], st["h_out"])
+      else:
+        logits_BV = None
+        conf_B = exits.probe_confidence(probe, st["h_in"], st["h_out"], jnp.int32(k))
       ok_B = conf_B >= threshold
       if opts.batch_exit == "sync":
         ok_B = jnp.broadcast_to(jnp.all(ok_B), ok_B.shape)
       new_B = ok_B & ~st["done"]
-      if logits_BV is None:  # state: the head only runs when some row exits here.
+      if logits_BV is None:  # state, probe: the head only runs when a row exits here.
         logits_BV = jax.lax.cond(jnp.any(new_B), head,
                                  lambda h: jnp.zeros((b, cfg.vocab_size), jnp.float32),
                                  st["h"])
@@ -420,6 +427,21 @@ def _check_options(model: DeepSupervisionTransformer, exit_layers: Sequence[int]
   return layers
 
 
+def _check_probe_and_threshold(model, threshold, exit_layers, measure, kv_policy, probe
+                               ) -> tuple[Array, Any, Any, int]:
+  """(threshold, static probe, traced probe, probe FLOPs), with one-line errors."""
+  if (measure == "probe") != (probe is not None):
+    raise UserError("measure='probe' needs probe=..., and probe=... needs measure='probe': "
+                    "pass both or neither")
+  static_probe, dynamic_probe, probe_flops = exits.split_probe(probe)
+  # A calibrated threshold must have been calibrated under these very settings.
+  threshold = exits._check_threshold(threshold, measure, exits.exit_settings(
+      model.config.num_layers, exit_layers=exit_layers, measure=measure,
+      kv_policy=EMULATED_POLICY[kv_policy]))
+  if threshold.ndim:
+    raise UserError(f"threshold must be a scalar for decoding, got shape {threshold.shape}")
+  return threshold, static_probe, dynamic_probe, probe_flops
+
 
 def generate(
     model: DeepSupervisionTransformer,
@@ -437,6 +459,7 @@ def generate(
     max_pending: int = 8,
     return_logits: bool = False,
     eos_id: int | None = None,
+    probe: Any = None,
 ) -> DecodeResult:
   """Generates tokens with early exit: one jitted call, KV cache, skipped layers.
 
@@ -451,7 +474,7 @@ def generate(
     threshold: confidence threshold (as in `predict_with_exit`); `jnp.inf` never exits.
     exit_layers: strictly ascending 1-based layers; `(N,)` is the full-depth baseline
       (no checks, no conds).
-    measure: "softmax", "margin", "entropy" or "state".
+    measure: "softmax", "margin", "entropy", "state" or "probe".
     kv_policy: "copy" or "recompute" (module docstring).
     batch_exit: "sync" (the batch exits when every row is confident) or "row".
     temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
@@ -461,17 +484,15 @@ def generate(
     return_logits: also return every step's [B, M, V] logits.
     eos_id: end-of-sequence token id: a row that generates it stops, and its remaining
       positions hold `eos_id` (the batch keeps its static shape; None = no stop).
+    probe: the confidence probe of measure "probe" (e.g. `probes.load_probe(dir)`), as
+      in `predict_with_exit`; its weights are traced (new weights never recompile).
 
   Returns:
     A `DecodeResult` with `start = P - 1`; `result.new_tokens` are the M new tokens.
   """
   layers = _check_options(model, exit_layers, measure, kv_policy, batch_exit, max_pending)
-  # A calibrated threshold must have been calibrated under these very settings.
-  threshold = exits._check_threshold(threshold, measure, exits.exit_settings(
-      model.config.num_layers, exit_layers=exit_layers, measure=measure,
-      kv_policy=EMULATED_POLICY[kv_policy]))
-  if threshold.ndim:
-    raise UserError(f"threshold must be a scalar for decoding, got shape {threshold.shape}")
+  threshold, static_probe, dynamic_probe, _ = _check_probe_and_threshold(
+      model, threshold, exit_layers, measure, kv_policy, probe)
   prompt_BP = compiled.check_tokens(prompt, "prompt")
   compiled.check_vocab(prompt_BP, model.config.vocab_size, "prompt")
   p, max_len = prompt_BP.shape[1], model.config.max_len
@@ -488,10 +509,11 @@ def generate(
                   batch_exit=batch_exit, max_pending=int(max_pending), prefill=p - 1,
                   num_steps=int(max_new_tokens), num_forced=p, sample=temperature > 0,
                   top_k=int(top_k), return_logits=bool(return_logits),
-                  eos_id=compiled.check_eos(eos_id, model.config.vocab_size))
+                  eos_id=compiled.check_eos(eos_id, model.config.vocab_size),
+                  static_probe=static_probe)
   rng = compiled.default_rng() if rng is None else rng
   return compiled.call(decode, model, prompt_BP, threshold,
-                       np.float32(max(temperature, 1e-6)), rng, opts=opts)
+                       np.float32(max(temperature, 1e-6)), rng, dynamic_probe, opts=opts)
 
 
 def decode_teacher_forced(
@@ -505,6 +527,7 @@ def decode_teacher_forced(
     batch_exit: str = "row",
     max_pending: int = 8,
     return_logits: bool = True,
+    probe: Any = None,
 ) -> DecodeResult:
   """Runs the incremental decoder over a fixed text, one position per step from position 0.
 
@@ -515,19 +538,15 @@ def decode_teacher_forced(
 
   Args:
     model, threshold, exit_layers, measure, kv_policy, batch_exit, max_pending,
-      return_logits: as for `generate`.
+      return_logits, probe: as for `generate`.
     tokens: int [B, T] token ids, T <= config.max_len.
 
   Returns:
     A `DecodeResult` with `start = 0` and M = T steps.
   """
   layers = _check_options(model, exit_layers, measure, kv_policy, batch_exit, max_pending)
-  # A calibrated threshold must have been calibrated under these very settings.
-  threshold = exits._check_threshold(threshold, measure, exits.exit_settings(
-      model.config.num_layers, exit_layers=exit_layers, measure=measure,
-      kv_policy=EMULATED_POLICY[kv_policy]))
-  if threshold.ndim:
-    raise UserError(f"threshold must be a scalar for decoding, got shape {threshold.shape}")
+  threshold, static_probe, dynamic_probe, _ = _check_probe_and_threshold(
+      model, threshold, exit_layers, measure, kv_policy, probe)
   tokens_BT = compiled.check_tokens(tokens, "tokens")
   compiled.check_vocab(tokens_BT, model.config.vocab_size, "tokens")
   t = tokens_BT.shape[1]
@@ -537,6 +556,6 @@ def decode_teacher_forced(
   opts = _Options(exit_layers=layers, measure=measure, kv_policy=kv_policy,
                   batch_exit=batch_exit, max_pending=int(max_pending), prefill=0,
                   num_steps=t, num_forced=t, sample=False, top_k=0,
-                  return_logits=bool(return_logits))
+                  return_logits=bool(return_logits), static_probe=static_probe)
   return compiled.call(decode, model, tokens_BT, threshold, np.float32(1.0),
-                       compiled.default_rng(), opts=opts)
+                       compiled.default_rng(), dynamic_probe, opts=opts)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import flax.struct
 import jax
@@ -58,7 +59,7 @@ from deepexit_jax.model import DeepSupervisionTransformer
 Array = jax.Array
 
 # Draft-confidence measures for adaptive drafting (larger = more confident).
-DRAFT_MEASURES = ("softmax", "margin", "entropy", "state")
+DRAFT_MEASURES = ("softmax", "margin", "entropy", "state", "probe")
 
 
 @flax.struct.dataclass
@@ -130,6 +131,7 @@ class _Options:
   measure: str
   return_logits: bool
   eos_id: int  # -1 = none
+  static_probe: Any = None  # `exits.split_probe`'s static part (draft_measure "probe")
 
 
 @flax.struct.dataclass
@@ -168,15 +170,14 @@ def _log_probs(logits_XV: Array, temperature: Array, top_k: int) -> Array:
   return jax.nn.log_softmax(logits_XV, axis=-1)
 
 
-def _draft_confidence(measure: str, logits_BV: Array, h_in_BD: Array, h_out_BD: Array
-                      ) -> Array:
-  if measure == "softmax":
-    return exits.softmax_confidence(logits_BV)
-  if measure == "margin":
-    return exits.margin_confidence(logits_BV)
-  if measure == "entropy":
-    return exits.entropy_confidence(logits_BV)
-  return exits.state_confidence(h_in_BD, h_out_BD)
+def _draft_confidence(measure: str, probe: Any, logits_BV: Array, h_in_BD: Array,
+                      h_out_BD: Array, layer: int) -> Array:
+  """The draft's confidence at layer E (`exits`' measures: larger = more confident)."""
+  if measure in exits.LOGIT_MEASURES:
+    return exits.logit_confidence(measure, logits_BV)
+  if measure == "state":
+    return exits.state_confidence(h_in_BD, h_out_BD)
+  return exits.probe_confidence(probe, h_in_BD, h_out_BD, jnp.int32(layer))
 
 
 def _write(caches: list, rows: tuple) -> list:
@@ -195,8 +196,10 @@ def _write(caches: list, rows: tuple) -> list:
 
 
 def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array, threshold: Array,
-                       temperature: Array, rng: Array, *, opts: _Options) -> SpeculativeResult:
+                       temperature: Array, rng: Array, dynamic_probe: Any, *,
+                       opts: _Options) -> SpeculativeResult:
   """The traced self-speculative decoder (module docstring); `speculative_generate` jits it."""
+  probe = exits.merge_probe(opts.static_probe, dynamic_probe)
   cfg = model.config
   n, e, kd = cfg.num_layers, opts.draft_layer, opts.draft_len
   s, nh, hk, d, v = cfg.max_len, cfg.num_heads, cfg.head_dim, cfg.dim, cfg.vocab_size
@@ -243,7 +246,8 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array, thre
     cap_B = jnp.clip(total - length_B - 1, 0, kd)
     keep_B = st.more_B & (j < cap_B)
     if opts.adaptive:
-      keep_B = keep_B & (_draft_confidence(opts.measure, logits_BV, h_in_BD, h_BD) >= threshold)
+      conf_B = _draft_confidence(opts.measure, probe, logits_BV, h_in_BD, h_BD, e)
+      keep_B = keep_B & (conf_B >= threshold)
     logq_BRV = st.logq_BRV
     if opts.sample:  # Slot draft_len (the last iteration's) is never read.
       logq_BRV = jax.lax.dynamic_update_index_in_dim(logq_BRV, logq_BV, j, 1)
@@ -372,6 +376,7 @@ def speculative_generate(
     draft_measure: str = "softmax",
     return_logits: bool = False,
     eos_id: int | None = None,
+    probe: Any = None,
 ) -> SpeculativeResult:
   """Generates tokens by self-speculation: exactly the full model's greedy tokens (or, when
   sampling, exactly its distribution), several tokens per full-depth pass.
@@ -392,10 +397,12 @@ def speculative_generate(
     rng: PRNG key for sampling (default `jax.random.key(0)`).
     draft_threshold: adaptive drafting: a row stops drafting when the draft's confidence
       (`draft_measure`) falls below this (None = always draft `draft_len`).
-    draft_measure: "softmax", "margin", "entropy" or "state" (as in `predict_with_exit`).
+    draft_measure: "softmax", "margin", "entropy", "state" or "probe" (as in
+      `predict_with_exit`; "probe" evaluates `probe` at layer E).
     return_logits: also return the full-depth logits that chose each new token.
     eos_id: end-of-sequence token id: a row stops at it and its remaining positions hold
       `eos_id` (it stops counting cycles; the batch keeps its shape). None = no stop.
+    probe: the confidence probe of draft_measure "probe" (e.g. `probes.load_probe(dir)`).
 
   Returns:
     A `SpeculativeResult`; `speculative_cost(model.config, result)` gives its FLOPs.
@@ -427,6 +434,11 @@ def speculative_generate(
     raise UserError(f"unknown draft_measure={draft_measure!r}: choose one of "
                     f"{', '.join(DRAFT_MEASURES)}")
   adaptive = draft_threshold is not None
+  if draft_measure == "probe" and (probe is None or not adaptive):
+    raise UserError("draft_measure='probe' needs probe=... and a draft_threshold")
+  if probe is not None and draft_measure != "probe":
+    raise UserError("probe=... is the draft measure: pass draft_measure='probe'")
+  static_probe, dynamic_probe, _ = exits.split_probe(probe)
   if adaptive:
     threshold = exits._check_threshold(draft_threshold, draft_measure)
     if threshold.ndim:
@@ -436,7 +448,7 @@ def speculative_generate(
   opts = _Options(draft_layer=e, draft_len=k, prompt_len=p, num_new=m, sample=temperature > 0,
                   top_k=int(top_k), adaptive=adaptive, measure=draft_measure,
                   return_logits=bool(return_logits),
-                  eos_id=compiled.check_eos(eos_id, cfg.vocab_size))
+                  eos_id=compiled.check_eos(eos_id, cfg.vocab_size), static_probe=static_probe)
   rng = compiled.default_rng() if rng is None else rng
   return compiled.call(speculative_decode, model, prompt_BP, threshold,
-                       np.float32(max(temperature, 1e-6)), rng, opts=opts)
+                       np.float32(max(temperature, 1e-6)), rng, dynamic_probe, opts=opts)
