@@ -149,7 +149,8 @@ def generate_text(checkpoint_dir: str, prompt: str, max_new_tokens: int, thresho
     batch: decode this many copies of the prompt at once (a throughput figure; with
       sampling the rows differ).
     baseline: also time the full-depth decode of the same prompt.
-    **kwargs: measure, kv_policy, batch_exit, temperature, top_k, rng, max_pending
+    **kwargs: measure, kv_policy, batch_exit, temperature, top_k, rng, max_pending, eos_id,
+      probe (a probe or a `deepexit-probe` directory, which sets measure "probe")
       (see `generate`).
 
   Returns:
@@ -157,6 +158,11 @@ def generate_text(checkpoint_dir: str, prompt: str, max_new_tokens: int, thresho
   """
   ckpt, prompt_BP = _load(checkpoint_dir, prompt, batch)
   model, n = ckpt.model, ckpt.model.config.num_layers
+  if isinstance(kwargs.get("probe"), str):  # A probe directory (deepexit-probe's output).
+    from deepexit_jax import probes
+
+    kwargs["probe"] = probes.load_probe(kwargs["probe"], model.config)
+    kwargs["measure"] = "probe"
   if exit_layers is None:
     exit_layers = tuple((ckpt.experiment or {}).get("exit_layers", (n,)))
 
@@ -171,7 +177,8 @@ def generate_text(checkpoint_dir: str, prompt: str, max_new_tokens: int, thresho
     base_tps = batch * max_new_tokens / base_seconds
   new_BM = np.asarray(result.new_tokens)
   cost = decode_cost(model.config, result, measure=kwargs.get("measure", "softmax"),
-                     kv_policy=kwargs.get("kv_policy", "copy"))
+                     kv_policy=kwargs.get("kv_policy", "copy"),
+                     probe_flops=getattr(kwargs.get("probe"), "flops_per_token", 0))
   return TextGeneration(
       texts=[ckpt.tokenizer.decode(row) for row in new_BM],
       exit_layers=np.asarray(result.exit_layer), num_layers=n,
@@ -249,6 +256,8 @@ def run() -> None:
   seed_flag = flags.DEFINE_integer("seed", 0, "Sampling seed.")
   show_flag = flags.DEFINE_bool("show_exits", False, "Print each token's exit layer under it.")
   base_flag = flags.DEFINE_bool("baseline", False, "Also time full-depth decoding.")
+  probe_flag = flags.DEFINE_string("probe", None, "A deepexit-probe directory: exit on the "
+                                   "learned probe's confidence (sets --measure=probe).")
   spec_flag = flags.DEFINE_bool("speculative", False, "Self-speculative decoding: layers "
                                 "1..--draft_layer draft, the rest verify (lossless).")
   dlayer_flag = flags.DEFINE_integer("draft_layer", None, "--speculative: the drafting "
@@ -281,7 +290,7 @@ def run() -> None:
         exit_layers=layers, batch=batch_flag.value, baseline=base_flag.value,
         measure=measure_flag.value, kv_policy=kv_flag.value,
         batch_exit=batch_exit_flag.value, temperature=temp_flag.value, top_k=topk_flag.value,
-        rng=jax.random.key(seed_flag.value))
+        rng=jax.random.key(seed_flag.value), probe=probe_flag.value)
     for b, text in enumerate(gen.texts):
       if len(gen.texts) > 1:
         print(f"--- row {b}")
