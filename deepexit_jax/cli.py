@@ -12,7 +12,13 @@ from deepexit_jax.errors import UserError
 
 
 def run_main(main: Callable[[Sequence[str]], None]) -> None:
-  """`app.run(main)`, but a `UserError` prints one line and exits with status 2."""
+  """`app.run(main)`, but a `UserError` prints one line and exits with status 2, and
+  `--help` lists the flags the binary's own module defined (absl lists only the main
+  module's, and our binaries define theirs in the library module that `main` lives in).
+  """
+  # absl's --help prints the key flags of the module named sys.argv[0].
+  for flag in flags.FLAGS.flags_by_module_dict().get(main.__module__, []):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
   def guarded(argv: Sequence[str]) -> None:
     if len(argv) > 1:
