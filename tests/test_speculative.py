@@ -288,3 +288,27 @@ def test_probe_as_the_draft_measure(model):
   assert 0 < np.asarray(res.drafted).sum() < np.asarray(plain.drafted).sum()
   with pytest.raises(UserError, match="draft_measure='probe'"):
     decoding.speculative_generate(model, prompt, 4, draft_layer=2, probe=probe)
+
+
+def test_prompts_of_different_lengths_equal_one_row_runs(model):
+  prompt = _prompt(b=3, p=7, seed=9)
+  lengths = np.array([7, 3, 5])
+  m = 14
+  res = decoding.speculative_generate(model, prompt, m, draft_layer=2, draft_len=3,
+                                      prompt_lengths=lengths, return_logits=True)
+  cost = decoding.speculative_cost(CONFIG, res)
+  counter = exits.FlopCounter.from_config(CONFIG)
+  full_depth = 0.0
+  for row, length in enumerate(lengths):
+    alone = decoding.speculative_generate(model, prompt[row:row + 1, :length], m,
+                                          draft_layer=2, draft_len=3, return_logits=True)
+    np.testing.assert_array_equal(np.asarray(res.new_tokens)[row],
+                                  np.asarray(alone.new_tokens)[0])
+    np.testing.assert_array_equal(np.asarray(res.tokens)[row, :length], prompt[row, :length])
+    np.testing.assert_allclose(np.asarray(res.logits)[row], np.asarray(alone.logits)[0],
+                               atol=2e-4, rtol=1e-4)
+    np.testing.assert_array_equal(res.cycles[row], alone.cycles[0])
+    full_depth += counter.full_depth(length - 1 + np.arange(m)).sum()
+  assert cost.full_depth == pytest.approx(full_depth)
+  with pytest.raises(UserError, match="prompt_lengths"):
+    decoding.speculative_generate(model, prompt, m, draft_layer=2, prompt_lengths=[7, 0, 5])

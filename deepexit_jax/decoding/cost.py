@@ -104,10 +104,11 @@ def speculative_cost(config: ModelConfig, result) -> SpeculativeCost:
   ran_C = iters_C > 0
   b = np.asarray(result.tokens).shape[0]
   m = np.asarray(result.tokens).shape[1] - result.prompt_len
+  prompt_B = np.asarray(result.prompt_lengths, np.float64)
   # Every row of the batch runs every cycle, at its own positions (a finished row at its
   # final length).
   length_CB = np.asarray(result.cycle_length, np.float64)[ran_C]
-  final_B = np.full(b, result.prompt_len + m, np.float64)
+  final_B = prompt_B + m
   length_CB = np.where(length_CB > 0, length_CB, final_B[None])
   executed = 0.0
   for iters, length_B in zip(iters_C[ran_C], length_CB):
@@ -116,6 +117,6 @@ def speculative_cost(config: ModelConfig, result) -> SpeculativeCost:
     executed += e * counter.block(draft_t).sum() + b * min(iters, k) * counter.head
     verify_t = length_B[:, None] - 1 + np.arange(k + 1)[None]
     executed += (n - e) * counter.block(verify_t).sum() + b * (k + 1) * counter.head
-  t_M = result.prompt_len - 1 + np.arange(m, dtype=np.float64)
-  return SpeculativeCost(full_depth=float(b * counter.full_depth(t_M).sum()),
+  t_BM = prompt_B[:, None] - 1 + np.arange(m, dtype=np.float64)[None]
+  return SpeculativeCost(full_depth=float(counter.full_depth(t_BM).sum()),
                          executed=float(executed), verifications=int(ran_C.sum()) * b)

@@ -78,7 +78,10 @@ class SpeculativeResult:
     draft_iterations: int32 [C] iterations of the draft loop the batch ran (0 = no cycle).
     logits: float32 [B, M, V] the full-depth logits (of a verification) that chose each
       new token (None unless requested).
-    prompt_len, draft_layer, draft_len: the call's P, E and k (static).
+    prompt_lengths: int32 [B] each row's prompt length P_b (row b's new tokens start at
+      P_b; the rows of `tokens` are right-padded past P_b + M).
+    prompt_len, draft_layer, draft_len: the call's P (the longest prompt), E and k
+      (static).
   """
 
   tokens: Array
@@ -88,14 +91,18 @@ class SpeculativeResult:
   committed: Array
   draft_iterations: Array
   logits: Array | None = None
+  prompt_lengths: Array | None = None
   prompt_len: int = flax.struct.field(pytree_node=False, default=0)
   draft_layer: int = flax.struct.field(pytree_node=False, default=0)
   draft_len: int = flax.struct.field(pytree_node=False, default=0)
 
   @property
   def new_tokens(self) -> Array:
-    """[B, M] the generated tokens."""
-    return self.tokens[:, self.prompt_len:]
+    """[B, M] the generated tokens (row b's from position P_b)."""
+    tokens = np.asarray(self.tokens)
+    m = tokens.shape[1] - self.prompt_len
+    at_BM = np.asarray(self.prompt_lengths)[:, None] + np.arange(m)[None]
+    return np.take_along_axis(tokens, at_BM, 1)
 
   @property
   def cycles(self) -> np.ndarray:
@@ -195,25 +202,26 @@ def _write(caches: list, rows: tuple) -> list:
           for (k, v), (rk, rv) in zip(caches, kv)]
 
 
-def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array, threshold: Array,
-                       temperature: Array, rng: Array, dynamic_probe: Any, *,
-                       opts: _Options) -> SpeculativeResult:
+def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array,
+                       prompt_len_B: Array, threshold: Array, temperature: Array, rng: Array,
+                       dynamic_probe: Any, *, opts: _Options) -> SpeculativeResult:
   """The traced self-speculative decoder (module docstring); `speculative_generate` jits it."""
   probe = exits.merge_probe(opts.static_probe, dynamic_probe)
   cfg = model.config
   n, e, kd = cfg.num_layers, opts.draft_layer, opts.draft_len
   s, nh, hk, d, v = cfg.max_len, cfg.num_heads, cfg.head_dim, cfg.dim, cfg.vocab_size
-  b, p = prompt_BP.shape
+  b, p = prompt_BP.shape  # p: the longest prompt; row b's is prompt_len_B[b] long.
   m, r = opts.num_new, kd + 1
-  total = p + m
-  width = total + r
+  total_B = prompt_len_B + m
+  width = p + m + r
   blocks = [model.layer(i) for i in range(n)]  # Weights sliced once, outside the loops.
   b_B = jnp.arange(b)
   r_R = jnp.arange(r)
 
   zeros_BSHK = jnp.zeros((b, s, nh, hk), jnp.float32)
   caches = [(zeros_BSHK, zeros_BSHK) for _ in range(n)]
-  if p > 1:  # The prompt but its last token, at full depth.
+  if p > 1:  # The prompts but their last tokens, at full depth. A shorter row's padding
+    # runs too, at positions >= its P_b - 1, which nothing reads before they are rewritten.
     pos_Q = jnp.arange(p - 1)
     h_BQD = model.embed_tokens(prompt_BP[:, :p - 1], pos_Q[None])
     no_cache_1QS = jnp.zeros((1, p - 1, s), bool)
@@ -243,7 +251,7 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array, thre
     else:
       next_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)
     # Never more drafts than the row still needs beyond the token every cycle commits.
-    cap_B = jnp.clip(total - length_B - 1, 0, kd)
+    cap_B = jnp.clip(total_B - length_B - 1, 0, kd)
     keep_B = st.more_B & (j < cap_B)
     if opts.adaptive:
       conf_B = _draft_confidence(opts.measure, probe, logits_BV, h_in_BD, h_BD, e)
@@ -260,7 +268,7 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array, thre
 
   def cycle(carry: dict) -> dict:
     c, length_B, tokens_BW = carry["c"], carry["length"], carry["tokens"]
-    active_B = length_B < total
+    active_B = length_B < total_B
     key = jax.random.fold_in(rng, c)
     caches = carry["caches"]
 
@@ -322,11 +330,11 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array, thre
     tokens_BW = tokens_BW.at[b_B[:, None], jnp.where(write_BR, length_B[:, None] + r_R[None],
                                                      width)].set(new_BR, mode="drop")
     if opts.return_logits:  # New token i of a row sits at index i = position - P.
-      at_BR = jnp.where(write_BR, length_B[:, None] - p + r_R[None], m)
+      at_BR = jnp.where(write_BR, (length_B - prompt_len_B)[:, None] + r_R[None], m)
       out_logits = carry["logits"].at[b_B[:, None], at_BR].set(logits_BRV, mode="drop")
     out = dict(carry, c=c + 1, tokens=tokens_BW, caches=caches, draft_rows=st.rows,
                verify_rows=(kv, pos_BR),
-               length=jnp.where(ended_B, total,
+               length=jnp.where(ended_B, total_B,
                                 jnp.where(active_B, length_B + acc_B + 1, length_B)))
     for name, value in (("cycle_length", jnp.where(active_B, length_B, 0)),
                         ("drafted", jnp.where(active_B, st.num_B, 0)),
@@ -345,8 +353,10 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array, thre
       "draft_rows": ([(zeros_BHK, zeros_BHK)] * e, nowhere_B),
       "verify_rows": ([(zeros_BRHK, zeros_BRHK)] * (n - e),
                       jnp.broadcast_to(nowhere_B[:, None], (b, r))),
-      "c": jnp.int32(0), "length": jnp.full((b,), p, jnp.int32),
-      "tokens": jnp.full((b, width), max(opts.eos_id, 0), jnp.int32).at[:, :p].set(prompt_BP),
+      "c": jnp.int32(0), "length": prompt_len_B,
+      "tokens": jnp.full((b, width), max(opts.eos_id, 0), jnp.int32).at[:, :p].set(
+          jnp.where(jnp.arange(p)[None] < prompt_len_B[:, None], prompt_BP,
+                    max(opts.eos_id, 0))),
       "caches": caches,
       "cycle_length": jnp.zeros((m, b), jnp.int32), "drafted": jnp.zeros((m, b), jnp.int32),
       "accepted": jnp.zeros((m, b), jnp.int32), "committed": jnp.zeros((m, b), jnp.int32),
@@ -354,11 +364,12 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array, thre
   }
   if opts.return_logits:
     carry["logits"] = jnp.zeros((b, m, v), jnp.float32)
-  carry = jax.lax.while_loop(lambda c: jnp.any(c["length"] < total), cycle, carry)
+  carry = jax.lax.while_loop(lambda c: jnp.any(c["length"] < total_B), cycle, carry)
   return SpeculativeResult(
-      tokens=carry["tokens"][:, :total], cycle_length=carry["cycle_length"],
+      tokens=carry["tokens"][:, :p + m], cycle_length=carry["cycle_length"],
       drafted=carry["drafted"], accepted=carry["accepted"], committed=carry["committed"],
-      draft_iterations=carry["draft_iterations"], logits=carry.get("logits"), prompt_len=p, draft_layer=e,
+      draft_iterations=carry["draft_iterations"], logits=carry.get("logits"),
+      prompt_lengths=prompt_len_B, prompt_len=p, draft_layer=e,
       draft_len=kd)
 
 
@@ -377,6 +388,7 @@ def speculative_generate(
     return_logits: bool = False,
     eos_id: int | None = None,
     probe: Any = None,
+    prompt_lengths: Any = None,
 ) -> SpeculativeResult:
   """Generates tokens by self-speculation: exactly the full model's greedy tokens (or, when
   sampling, exactly its distribution), several tokens per full-depth pass.
@@ -403,6 +415,8 @@ def speculative_generate(
     eos_id: end-of-sequence token id: a row stops at it and its remaining positions hold
       `eos_id` (it stops counting cycles; the batch keeps its shape). None = no stop.
     probe: the confidence probe of draft_measure "probe" (e.g. `probes.load_probe(dir)`).
+    prompt_lengths: int [B]: prompts of different lengths in one batch, right-padded in
+      `prompt` (row b's prompt is prompt[b, :prompt_lengths[b]]); None = all P.
 
   Returns:
     A `SpeculativeResult`; `speculative_cost(model.config, result)` gives its FLOPs.
@@ -422,8 +436,19 @@ def speculative_generate(
   k = compiled.check_count(draft_len, "draft_len", hint=" (tokens drafted per cycle)")
   prompt_BP = compiled.check_tokens(prompt, "prompt")
   compiled.check_vocab(prompt_BP, cfg.vocab_size, "prompt")
-  p = prompt_BP.shape[1]
+  b, p = prompt_BP.shape
   m = compiled.check_count(max_new_tokens, "max_new_tokens")
+  if prompt_lengths is None:
+    lengths_B = np.full((b,), p, np.int32)
+  else:
+    lengths_B = np.asarray(prompt_lengths)
+    if (lengths_B.shape != (b,) or not np.issubdtype(lengths_B.dtype, np.integer)
+        or lengths_B.min() < 1 or lengths_B.max() > p):
+      raise UserError(f"prompt_lengths must hold {b} integers in 1..{p} (one per prompt row), "
+                      f"got {prompt_lengths!r}")
+    lengths_B = lengths_B.astype(np.int32)
+    p = int(lengths_B.max())
+    prompt_BP = prompt_BP[:, :p]
   if p + m - 1 > cfg.max_len:
     raise UserError(
         f"prompt length {p} + max_new_tokens {m} - 1 exceeds model.max_len={cfg.max_len} (the "
@@ -450,5 +475,5 @@ def speculative_generate(
                   return_logits=bool(return_logits),
                   eos_id=compiled.check_eos(eos_id, cfg.vocab_size), static_probe=static_probe)
   rng = compiled.default_rng() if rng is None else rng
-  return compiled.call(speculative_decode, model, prompt_BP, threshold,
+  return compiled.call(speculative_decode, model, prompt_BP, lengths_B, threshold,
                        np.float32(max(temperature, 1e-6)), rng, dynamic_probe, opts=opts)
