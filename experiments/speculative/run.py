@@ -9,7 +9,9 @@ model of the shallowest exit's depth trained alone at the same budget:
       semantics the decoder runs);
   (c) `speculative_generate` over a grid of draft layers E and draft lengths k (greedy:
       the full model's tokens, so its PPL is full depth's; `identical` is checked);
-  (d) the static shallow model's full-depth decode and PPL.
+  (d) the static shallow model's full-depth decode and PPL;
+  (e) adaptive drafting (a draft stops when its softmax confidence falls below a
+      threshold) at the first exit layer and k = 6.
 Batch 1, one validation prompt of 16 characters, 96 new tokens; greedy. Timing is
 interleaved: every round times every configuration of a model once, in turn; figures
 are medians over rounds, speedups ratios of medians measured in the same run.
@@ -53,6 +55,7 @@ MODELS = {"reference": ("reference", "static", 2, (1, 2, 3)),
           "deep": ("deep", "deep_static", 2, (2, 4, 6))}
 DRAFT_LENS = (2, 4, 6)
 THRESHOLDS = (0.9, 0.7, 0.5, 0.3)
+DRAFT_THRESHOLDS = (0.5, 0.8)  # Adaptive drafting (softmax), at E = first exit, k = 6.
 PROMPT_LEN, NEW_TOKENS = 16, 96
 
 
@@ -107,6 +110,11 @@ def bench_model(name: str, workdir: str, rounds: int) -> tuple[list[dict], dict]
     for k in DRAFT_LENS:
       runs[("spec", e, k)] = lambda e=e, k=k: decoding.speculative_generate(
           model, prompt_BP, m, draft_layer=e, draft_len=k)
+  e_adapt = exit_layers[0]
+  for thr in DRAFT_THRESHOLDS:
+    runs[("adaptive", thr)] = lambda thr=thr: decoding.speculative_generate(
+        model, prompt_BP, m, draft_layer=e_adapt, draft_len=max(DRAFT_LENS),
+        draft_threshold=thr)
   logging.info("%s: timing %d configurations, %d rounds", name, len(runs), rounds)
   results, sec = _interleaved(runs, rounds)
   full_tokens = np.asarray(results["full"].tokens)
@@ -138,6 +146,16 @@ def bench_model(name: str, workdir: str, rounds: int) -> tuple[list[dict], dict]
                    "acceptance_rate": res.acceptance_rate,
                    "tokens_per_cycle": res.tokens_per_cycle,
                    "identical": bool(np.array_equal(np.asarray(res.tokens), full_tokens))})
+  for thr in DRAFT_THRESHOLDS:
+    res = results[("adaptive", thr)]
+    rows.append({"model": name, "method": "self-speculative, adaptive draft",
+                 "setting": f"E={e_adapt} k={max(DRAFT_LENS)} stop below {thr}", "batch": 1,
+                 "tokens_per_s": m / sec[("adaptive", thr)],
+                 "speedup": base / sec[("adaptive", thr)], "ppl": ppl["full"],
+                 "flops_ratio": decoding.speculative_cost(model.config, res).flops_ratio,
+                 "acceptance_rate": res.acceptance_rate,
+                 "tokens_per_cycle": res.tokens_per_cycle,
+                 "identical": bool(np.array_equal(np.asarray(res.tokens), full_tokens))})
   best = max((r for r in rows if r["method"] == "self-speculative"), key=lambda r: r["speedup"])
   e, k = (int(x.split("=")[1]) for x in best["setting"].split())
   prompt8 = decoding.validation_prompts(ckpt, 8, PROMPT_LEN)
@@ -231,7 +249,8 @@ def _chart(rows: list[dict]) -> None:
   names = sorted({r["model"] for r in rows}, key=list(MODELS).index)
   fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5))
   styles = {"full depth": ("k", "s"), "early exit (copy)": ("tab:blue", "o"),
-            "self-speculative": ("tab:red", "^")}
+            "self-speculative": ("tab:red", "^"),
+            "self-speculative, adaptive draft": ("tab:orange", "v")}
   for ax, name in zip(np.atleast_1d(axes), names):
     for r in rows:
       if r["model"] != name or r["batch"] != 1:
