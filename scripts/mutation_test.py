@@ -11,7 +11,8 @@ surviving mutant is either a missing test or an equivalent change (noted in `why
   .venv/bin/python scripts/mutation_test.py --modules exits,losses --jobs 2
   .venv/bin/python scripts/mutation_test.py --list          # the mutants, nothing run
 
-The last line of the output is JSON: per module killed / total and the survivors. A
+The last line of the output is JSON: per module killed / total (mutants marked
+equivalent are listed apart, not counted) and the survivors. A
 mutant whose snippet is not found exactly once (the code moved on) is reported as
 stale and not counted; update its snippet.
 """
@@ -46,6 +47,8 @@ class Mutant:
     tests: pytest arguments that should catch it (files, `-k` expressions).
     why: what the bug is.
     nth: which occurrence to replace when `old` occurs more than once (0-based).
+    equivalent: known to compute the same results (kept to show the check was made);
+      reported apart, not counted.
   """
 
   module: str
@@ -54,14 +57,15 @@ class Mutant:
   tests: tuple[str, ...]
   why: str
   nth: int | None = None
+  equivalent: bool = False
 
   @property
   def name(self) -> str:
     return f"{self.module}: {self.why}"
 
 
-def _m(module, old, new, tests, why, nth=None):
-  return Mutant(module, old, new, tuple(shlex.split(tests)), why, nth)
+def _m(module, old, new, tests, why, nth=None, equivalent=False):
+  return Mutant(module, old, new, tuple(shlex.split(tests)), why, nth, equivalent)
 
 
 EX = "tests/test_exits.py"
@@ -216,7 +220,8 @@ MUTANTS = [
     _m("probes", "return float(np.corrcoef(x, y)[0, 1])", "return float(abs(np.corrcoef(x, y)[0, 1]))",
        f"{PRB} -k pearson", "pearson_r loses its sign"),
     _m("probes", "if x.std() == 0 or y.std() == 0:", "if x.std() == 0:", f"{PRB} -k pearson",
-       "pearson_r of a constant y is not NaN"),
+       "pearson_r without its constant-y guard (equivalent: np.corrcoef gives NaN too, "
+       "with a RuntimeWarning)", equivalent=True),
     _m("probes", "y, s = y_LM[i, num_fit:], score_LM[i, num_fit:]",
        "y, s = y_LM[i, :num_fit], score_LM[i, :num_fit]", f"{PRB} -k held_out",
        "the study scores the fitting part"),
@@ -300,6 +305,8 @@ def _run_one(src: str, mutant: Mutant, timeout: float) -> dict:
     rc, seconds = _pytest(tmp, mutant.tests, timeout)
   # 1: tests failed; 2-4: errors (e.g. an import error); -1: timed out; 5: no tests ran.
   status = "survived" if rc == 0 else "no tests" if rc == 5 else "killed"
+  if mutant.equivalent:
+    status = f"equivalent ({status})"
   return dict(mutant=mutant.name, module=mutant.module, status=status, rc=rc,
               seconds=round(seconds, 1), tests=" ".join(mutant.tests))
 
@@ -342,14 +349,18 @@ def main() -> None:
       print(f"{r['status']:9s} {r.get('seconds', 0):6.1f}s  {r['mutant']}", flush=True)
   summary = {}
   for module in dict.fromkeys(m.module for m in mutants):
-    rs = [r for r in results if r["module"] == module and r["status"] != "stale"]
+    rs = [r for r in results if r["module"] == module and r["status"] != "stale"
+          and not r["status"].startswith("equivalent")]
     summary[module] = dict(
         killed=sum(r["status"] == "killed" for r in rs), total=len(rs),
         survived=[r["mutant"] for r in rs if r["status"] != "killed"],
+        equivalent=[r["mutant"] for r in results if r["module"] == module
+                    and r["status"].startswith("equivalent")],
         stale=[r["mutant"] for r in results if r["module"] == module and r["status"] == "stale"])
   for module, s in summary.items():
-    print(f"{module}: {s['killed']}/{s['total']} killed"
+    print(f"{module}: {s['killed']}/{s['total']} non-equivalent mutants killed"
           + (f"; survived: {s['survived']}" if s["survived"] else "")
+          + (f"; equivalent, not counted: {len(s['equivalent'])}" if s["equivalent"] else "")
           + (f"; stale: {s['stale']}" if s["stale"] else ""))
   print(json.dumps(summary))
 
