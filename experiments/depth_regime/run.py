@@ -8,8 +8,9 @@ every seed. Sweeps each early-exit model under both KV policies and writes RESUL
 seeds.csv, points.csv and depth_regime.png beside this file. Every run is resumable;
 --report_only trains nothing and reports the runs finished so far.
 
-Run from the repository root (about 25 minutes a seed on a 2-core CPU when it is not
-shared; experiments/queue.sh runs the same trainings in the background):
+Run from the repository root (25-35 minutes a seed on the shared 2-core CPU, about
+2 hours in all; RESULTS.md records each run's wall time; experiments/queue.sh runs
+the same trainings in the background):
   DEEPEXIT_DATA_DIR=../shared/data python experiments/depth_regime/run.py
   DEEPEXIT_DATA_DIR=../shared/data python experiments/depth_regime/run.py --report_only
 """

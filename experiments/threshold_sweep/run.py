@@ -8,7 +8,7 @@ both KV policies with seed 0's static models on the same chart and set beside th
 reference table; every seed's full-depth, all-at-layer-2 and static PPL go into
 seeds.csv and the mean ± std table.
 
-Run from the repository root (about 1-2 minutes a model on a 2-core CPU):
+Run from the repository root (1.5-3 minutes a model on the shared 2-core CPU, 9 models):
   DEEPEXIT_DATA_DIR=../shared/data python experiments/threshold_sweep/run.py
 Flags: --workdir (default runs/threshold_sweep), --seeds (default 3), --report_only
 (train nothing; report the seeds finished so far). experiments/queue.sh trains the
