@@ -87,10 +87,17 @@ def compare(name_a: str, a: dict[int, float], name_b: str, b: dict[int, float], 
   Returns:
     (gap, se, sentence); se is nan with fewer than 2 seeds on either side.
   """
+  restricted = ""
+  if set(a) != set(b):  # An unmatched seed (e.g. one still training) would bias the gap.
+    keep = set(a) & set(b)
+    a, b = {s: a[s] for s in keep}, {s: b[s] for s in keep}
+    restricted = f" over the seeds both have ({', '.join(map(str, sorted(keep))) or 'none'})"
+  if not a:
+    return math.nan, math.nan, f"{name_a} vs {name_b}: no seed in common yet"
   gap = statistics.mean(a.values()) - statistics.mean(b.values())
   if len(a) < 2 or len(b) < 2:
-    return gap, math.nan, (f"{name_a} − {name_b} = {gap:+.3f} from a single seed: no claim "
-                           "(fewer than 2 seeds)")
+    return gap, math.nan, (f"{name_a} − {name_b} = {gap:+.3f}{restricted} from a single "
+                           "seed: no claim (fewer than 2 seeds)")
   common_seeds = sorted(set(a) & set(b))
   paired_se = (statistics.stdev([a[s] - b[s] for s in common_seeds]) / math.sqrt(
       len(common_seeds)) if len(common_seeds) > 1 else math.nan)
@@ -107,7 +114,7 @@ def compare(name_a: str, a: dict[int, float], name_b: str, b: dict[int, float], 
              + (", beyond 2 SE paired: a hint from "
                 f"{len(common_seeds)} seeds, not claimed here"
                 if abs(paired_gap) > 2 * paired_se and abs(gap) <= 2 * se else ""))
-  text = f"{name_a} − {name_b} = {gap:+.3f} ± {se:.3f} SE{how}"
+  text = f"{name_a} − {name_b} = {gap:+.3f} ± {se:.3f} SE{how}{restricted}"
   if abs(gap) > 2 * se:
     better, worse = (name_a, name_b) if gap < 0 else (name_b, name_a)
     return gap, se, f"{better} beats {worse} ({text}{extra})"
