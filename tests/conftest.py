@@ -1,9 +1,6 @@
 """Shared test setup: four CPU devices, a small real-English corpus and tiny configs."""
 
-import atexit
 import os
-import shutil
-import tempfile
 
 # Must run before jax is imported anywhere, so sharded code runs on 4 host devices in
 # every test run (and in the binaries that tests start, which inherit the environment).
@@ -11,14 +8,11 @@ _FLAG = "--xla_force_host_platform_device_count=4"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
 
-# A compilation cache for this session only: every `train()` call jits a fresh training
-# step, which XLA:CPU takes seconds to compile; runs with the same config (resume tests,
-# the binary's subprocess) then load the executable instead of compiling it again.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _CACHE_DIR = tempfile.mkdtemp(prefix="deepexit_jax_tests_xla_cache_")
-  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# No persistent compilation cache. Run as one process, the whole suite segfaulted late in
+# the run three times out of three (jax 0.10.2, XLA:CPU, during `train()` in
+# tests/test_train.py): twice inside the cache write, once, with the cache off, inside
+# XLA's compile; every file passes alone. scripts/test.sh therefore runs each test file
+# in its own process, and the cache (a second native code path in the crash) stays off.
 
 import pytest  # noqa: E402
 
