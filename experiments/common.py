@@ -20,6 +20,27 @@ from deepexit_jax.train import read_eval_records, train
 WALL_FILE = "wall_seconds"  # one line per training session; experiments/queue.sh writes it too
 
 
+def interleaved(runs: dict, rounds: int) -> tuple[dict, dict]:
+  """Times every `runs[key]()` once per round, in turn, so a drifting host slows all of
+  them alike; each is first called once to compile and once to warm up.
+
+  Returns:
+    ({key: the compiling call's result}, {key: [seconds per round]}).
+  """
+  import jax
+
+  results = {key: jax.block_until_ready(fn()) for key, fn in runs.items()}
+  for fn in runs.values():
+    jax.block_until_ready(fn())
+  times = {key: [] for key in runs}
+  for _ in range(rounds):
+    for key, fn in runs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[key].append(time.perf_counter() - start)
+  return results, times
+
+
 def finished(config: ExperimentConfig, workdir: str) -> bool:
   """Whether `workdir` holds a run of `config` that reached its last step."""
   try:

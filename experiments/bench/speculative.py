@@ -16,12 +16,16 @@ Without --draft_layer/--draft_len it times a small grid and reports the fastest 
 from __future__ import annotations
 
 import json
+import os
 import statistics
-import time
+import sys
 
 import jax
 import numpy as np
 from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import interleaved  # noqa: E402  (experiments/common.py)
 
 from deepexit_jax import checkpoint, decoding
 
@@ -39,19 +43,6 @@ _BREAKDOWN = flags.DEFINE_bool("breakdown", True, "Also estimate where the time 
 def grid(num_layers: int) -> list[tuple[int, int]]:
   layers = sorted({max(1, num_layers // 4), max(1, num_layers // 2)} - {num_layers})
   return [(e, k) for e in layers for k in (2, 4, 6)]
-
-
-def _median_seconds(runs: dict, rounds: int) -> dict:
-  for fn in runs.values():
-    jax.block_until_ready(fn())  # Compile and warm.
-    jax.block_until_ready(fn())
-  times = {key: [] for key in runs}
-  for _ in range(rounds):
-    for key, fn in runs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[key].append(time.perf_counter() - start)
-  return {key: statistics.median(t) for key, t in times.items()}
 
 
 def breakdown(model, prompt_BP, m: int, e: int, k: int, rounds: int) -> dict:
@@ -74,7 +65,7 @@ def breakdown(model, prompt_BP, m: int, e: int, k: int, rounds: int) -> dict:
       "full": lambda: decoding.generate(model, prompt_BP, m, np.inf, exit_layers=(n,)),
       "full_1": lambda: decoding.generate(model, prompt_BP, 1, np.inf, exit_layers=(n,)),
   }
-  sec = _median_seconds(runs, rounds)
+  sec = {key: statistics.median(t) for key, t in interleaved(runs, rounds)[1].items()}
   res = runs["spec"]()
   cycles, iters = res.num_cycles, int(np.asarray(res.draft_iterations).sum())
   per_cycle = (sec["nodraft"] - sec["nodraft_1"]) / (m - 1)  # c_verify + c_draft
@@ -106,15 +97,7 @@ def main(argv):
   for e, k in settings:
     runs[(e, k)] = (lambda e=e, k=k: decoding.speculative_generate(
         model, prompt_BP, m, draft_layer=e, draft_len=k, draft_threshold=_THR.value))
-  results = {key: jax.block_until_ready(fn()) for key, fn in runs.items()}  # Compile.
-  for fn in runs.values():
-    jax.block_until_ready(fn())  # Warm.
-  times = {key: [] for key in runs}
-  for _ in range(_ROUNDS.value):
-    for key, fn in runs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[key].append(time.perf_counter() - start)
+  results, times = interleaved(runs, _ROUNDS.value)
   base_s = statistics.median(times["full"])
   full_tokens = np.asarray(results["full"].tokens)
   rows = []

@@ -41,7 +41,7 @@ from absl import app, flags, logging
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # experiments/common.py
 
-from common import ensure_trained, wall_seconds  # noqa: E402
+from common import ensure_trained, interleaved, wall_seconds  # noqa: E402
 
 from deepexit_jax import checkpoint, decoding, sweep  # noqa: E402
 from deepexit_jax.config import ExperimentConfig, load_config_file  # noqa: E402
@@ -64,20 +64,6 @@ def _train(cfg_name: str, workdir: str, *args: str) -> float | None:
                                                     *args))
   ensure_trained(cfg, workdir)
   return wall_seconds(workdir)
-
-
-def _interleaved(runs: dict, rounds: int) -> tuple[dict, dict]:
-  """({key: result}, {key: median seconds}), compile and warm-up excluded."""
-  results = {key: jax.block_until_ready(fn()) for key, fn in runs.items()}
-  for fn in runs.values():
-    jax.block_until_ready(fn())
-  times = {key: [] for key in runs}
-  for _ in range(rounds):
-    for key, fn in runs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[key].append(time.perf_counter() - start)
-  return results, {key: statistics.median(t) for key, t in times.items()}
 
 
 def bench_model(name: str, workdir: str, rounds: int) -> tuple[list[dict], dict]:
@@ -116,7 +102,8 @@ def bench_model(name: str, workdir: str, rounds: int) -> tuple[list[dict], dict]
         model, prompt_BP, m, draft_layer=e_adapt, draft_len=max(DRAFT_LENS),
         draft_threshold=thr)
   logging.info("%s: timing %d configurations, %d rounds", name, len(runs), rounds)
-  results, sec = _interleaved(runs, rounds)
+  results, times = interleaved(runs, rounds)
+  sec = {key: statistics.median(t) for key, t in times.items()}
   full_tokens = np.asarray(results["full"].tokens)
   base = sec["full"]
   rows = [{"model": name, "method": "full depth", "setting": "", "batch": 1,
@@ -159,10 +146,11 @@ def bench_model(name: str, workdir: str, rounds: int) -> tuple[list[dict], dict]
   best = max((r for r in rows if r["method"] == "self-speculative"), key=lambda r: r["speedup"])
   e, k = (int(x.split("=")[1]) for x in best["setting"].split())
   prompt8 = decoding.validation_prompts(ckpt, 8, PROMPT_LEN)
-  results8, sec8 = _interleaved({
+  results8, times8 = interleaved({
       "full": lambda: gen(model, prompt8, m, np.inf, exit_layers=(n,)),
       "spec": lambda: decoding.speculative_generate(model, prompt8, m, draft_layer=e,
                                                     draft_len=k)}, rounds)
+  sec8 = {key: statistics.median(t) for key, t in times8.items()}
   res8 = results8["spec"]
   rows.append({"model": name, "method": "self-speculative", "setting": f"E={e} k={k}",
                "batch": 8, "tokens_per_s": 8 * m / sec8["spec"],
