@@ -1,28 +1,50 @@
-"""RESULTS.md and speedup.png of the decoding benchmark (run.py); every number from its rows."""
+"""RESULTS.md, results.csv and speedup.png of the decoding benchmark (run.py); every number
+from its rows."""
 
 from __future__ import annotations
 
+import csv
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import compare  # noqa: E402  (experiments/common.py)
 
 
-def _fmt_thr(thr) -> str:
-  return "full depth" if thr is None else f"{thr:g}"
+def _fmt_thr(r: dict) -> str:
+  return r["method"] if r["threshold"] is None else f"{r['threshold']:g}"
+
+
+def _ppl_cell(r: dict) -> str:
+  if r["ppl_mean"] == "":
+    return "not measured"
+  if r["ppl_seeds"] == 1:
+    return f"{r['ppl_mean']:.3f} (1 seed)"
+  return f"{r['ppl_mean']:.3f} ± {r['ppl_std']:.3f} ({r['ppl_seeds']})"
+
+
+def _iqr(r: dict) -> str:
+  if "call_speedup_q25" not in r:
+    return ""
+  return f" ({r['call_speedup_q25']:.2f}-{r['call_speedup_q75']:.2f})"
 
 
 def table(rows: list[dict]) -> list[str]:
   lines = [
-      "| model | batch | KV policy | batch rule | threshold | tokens/s per call (median) | "
+      "| model | batch | KV policy | batch rule | threshold | PPL, timed seed 0 | "
+      "PPL mean ± std (seeds) | tokens/s per call (median) | "
       "fixed ms per call | decode tokens/s (per step) | mean exit layer | mean layers run | "
-      "call speedup | decode-step speedup | CPU-time step speedup | ideal (layers) | "
+      "call speedup (IQR over rounds) | decode-step speedup | CPU-time step speedup | ideal (layers) | "
       "ideal (FLOPs) | executed FLOPs | call / ideal FLOPs | step / ideal FLOPs |",
-      "|" + "---|" * 18]
+      "|" + "---|" * 20]
   for r in rows:
+    seed0 = "not measured" if r["ppl_seed0"] == "" else f"{r['ppl_seed0']:.3f}"
     lines.append(
         f"| {r['model']} | {r['batch']} | {r['kv_policy']} | {r['batch_exit']} | "
-        f"{_fmt_thr(r['threshold'])} | {r['tokens_per_s_median']:,.0f} | "
+        f"{_fmt_thr(r)} | {seed0} | {_ppl_cell(r)} | {r['tokens_per_s_median']:,.0f} | "
         f"{r['fixed_ms']:.2f} | {r['decode_tokens_per_s']:,.0f} | "
         f"{r['mean_exit_layer']:.2f} | {r['mean_layers_run']:.2f} | "
-        f"{r['measured_speedup']:.2f}x | {r['step_speedup']:.2f}x | "
+        f"{r['measured_speedup']:.2f}x{_iqr(r)} | {r['step_speedup']:.2f}x | "
         f"{r['cpu_step_speedup']:.2f}x | "
         f"{r['ideal_layers_speedup']:.2f}x | {r['ideal_flops_speedup']:.2f}x | "
         f"{r['executed_flops_speedup']:.2f}x | "
@@ -31,20 +53,60 @@ def table(rows: list[dict]) -> list[str]:
   return lines
 
 
+def write_csv(rows: list[dict], path: str) -> None:
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+
+
+def quality_lines(rows: list[dict], ppls: dict[str, dict[int, dict[str, float]]]) -> list[str]:
+  """Batch 1, `copy`: each threshold's decode-step speedup and PPL against the static
+  model's, with the 2-standard-error rule (experiments/common.compare)."""
+  out = []
+  for name, seeds in ppls.items():
+    group = [r for r in rows if r["model"] == name and r["batch"] == 1
+             and r["kv_policy"] == "copy"]
+    static = next((r for r in rows if r["model"] == name and r["batch"] == 1
+                   and r["method"].startswith("static")), None)
+    if not seeds or static is None:
+      out.append(f"- `{name}`: no finished seed yet.")
+      continue
+    st = {s: p["static"] for s, p in seeds.items()}
+    full = {s: p["full"] for s, p in seeds.items()}
+    out.append(
+        f"- `{name}` ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: "
+        f"{', '.join(map(str, sorted(seeds)))}): the {static['method']} decodes "
+        f"{static['step_speedup']:.2f}x as fast per step as full depth (ideal "
+        f"{static['ideal_flops_speedup']:.2f}x) at PPL {_ppl_cell(static)}; full depth "
+        f"{_ppl_cell(next(r for r in group if r['method'] == 'full depth'))}. "
+        + compare("full depth", full, static["method"], st)[2] + ".")
+    for r in group:
+      if r["method"] != "early exit":
+        continue
+      ee = {s: p[r["ppl_key"]] for s, p in seeds.items()}
+      verdict = compare(f"threshold {r['threshold']:g}", ee, static["method"], st)[2]
+      faster = ("faster" if r["step_speedup"] > static["step_speedup"] else "slower")
+      out.append(f"  - threshold {r['threshold']:g}: {r['step_speedup']:.2f}x per step "
+                 f"({faster} than the static model, timed seed 0), PPL {_ppl_cell(r)}; "
+                 f"{verdict}.")
+  return out
+
+
 def plot(rows: list[dict], path: str) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-  for ax, batch in zip(axes, (1, 8)):
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+  for ax, batch in zip(axes[:2], (1, 8)):
     top = 1.0
     for (model, policy, rule), marker in zip(
         sorted({(r["model"], r["kv_policy"], r["batch_exit"]) for r in rows
                 if r["batch"] == batch}), "osD^v<>"):
       pts = [r for r in rows if (r["model"], r["kv_policy"], r["batch_exit"], r["batch"])
-             == (model, policy, rule, batch) and r["threshold"] is not None]
+             == (model, policy, rule, batch) and r["method"] == "early exit"]
       x = [r["ideal_flops_speedup"] for r in pts]
       y = [r["step_speedup"] for r in pts]
       y_call = [r["measured_speedup"] for r in pts]
@@ -53,16 +115,52 @@ def plot(rows: list[dict], path: str) -> None:
                         label=f"{model} {policy} ({rule}): decode step")
       ax.plot(x, y_call, marker=marker, linestyle=":", color=line.get_color(),
               markerfacecolor="none", label=f"{model} {policy} ({rule}): whole call")
+    for r in rows:
+      if r["batch"] == batch and r["method"].startswith("static"):
+        top = max(top, r["ideal_flops_speedup"], r["step_speedup"])
+        ax.plot([r["ideal_flops_speedup"]], [r["step_speedup"]], marker="*", markersize=13,
+                linestyle="none", color="k" if r["model"] == "deep" else "0.5",
+                label=f"{r['model']}: {r['method']} (decode step)")
     ax.plot([0, top * 1.05], [0, top * 1.05], "k--", lw=0.8, label="measured = ideal")
     ax.plot([0, top * 1.05], [0, 0.8 * top * 1.05], "k:", lw=0.8, label="80% of ideal")
     ax.set_xlim(0.8, top * 1.05)
-    ax.set_ylim(0.5, top * 1.05)
+    ax.set_ylim(0.4, top * 1.05)
     ax.set_xlabel("ideal speedup (full-depth FLOPs / early-exit FLOPs)")
+    ax.set_ylabel("measured speedup vs full depth")
     ax.set_title(f"batch {batch}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="upper left")
-  axes[0].set_ylabel("measured speedup vs full depth")
-  fig.suptitle("Early-exit decoding: measured vs ideal speedup (softmax thresholds)")
+    ax.legend(fontsize=5.5, loc="upper left")
+  ax = axes[2]
+  for model, color in zip(sorted({r["model"] for r in rows}), ("C0", "C3")):
+    group = [r for r in rows if r["model"] == model and r["batch"] == 1
+             and r["kv_policy"] == "copy" and r["ppl_mean"] != ""]
+    full = next((r["ppl_mean"] for r in group if r["method"] == "full depth"), None)
+    if full is None:
+      continue
+
+    def rel(x, full=full):
+      return 100 * (x / full - 1)
+    pts = sorted((r for r in group if not r["method"].startswith("static")),
+                 key=lambda r: r["step_speedup"])
+    n = max((r["ppl_seeds"] for r in pts), default=0)
+    ax.errorbar([r["step_speedup"] for r in pts], [rel(r["ppl_mean"]) for r in pts],
+                yerr=[100 * (r["ppl_std"] or 0.0) / full for r in pts], marker="o",
+                color=color, capsize=3,
+                label=f"{model}: full depth + early exit (copy), ±1 std, {n} seeds")
+    for r in group:
+      if r["method"].startswith("static"):
+        ax.errorbar([r["step_speedup"]], [rel(r["ppl_mean"])],
+                    yerr=[100 * (r["ppl_std"] or 0.0) / full], marker="*", markersize=13,
+                    color=color, capsize=3, linestyle="none",
+                    label=f"{model}: {r['method']}, {r['ppl_seeds']} seeds")
+  ax.axhline(0, color="k", lw=0.8)
+  ax.set_xlabel("measured decode-step speedup vs full depth (batch 1, seed 0)")
+  ax.set_ylabel("val PPL vs own full depth (%, seed mean)")
+  ax.set_title("speed vs quality, batch 1, copy")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=6)
+  fig.suptitle("Early-exit decoding: measured vs ideal speedup (softmax thresholds), and "
+               "what it costs in PPL next to a static shallow model")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -108,25 +206,57 @@ def _breakdown_text(breakdowns: dict, rows: list[dict]) -> list[str]:
   return out
 
 
-def write_results(here: str, rows: list[dict], breakdowns: dict, meta: dict) -> None:
+def write_results(here: str, rows: list[dict], breakdowns: dict, meta: dict,
+                  ppls: dict[str, dict[int, dict[str, float]]]) -> None:
   plot(rows, os.path.join(here, "speedup.png"))
-  b1 = [r for r in rows if r["batch"] == 1 and r["threshold"] is not None]
+  write_csv(rows, os.path.join(here, "results.csv"))
+  b1 = [r for r in rows if r["batch"] == 1 and r["method"] == "early exit"]
 
   def met(key: str, policy: str) -> str:
-    group = [r for r in b1 if r["kv_policy"] == policy]
+    # A row whose ideal is at most 1.0x has nothing to meet: it does not count.
+    group = [r for r in b1 if r["kv_policy"] == policy and r["ideal_flops_speedup"] > 1.0]
     ok = [r for r in group if r[key] >= 0.8 * r["ideal_flops_speedup"]]
     return f"{len(ok)} of {len(group)}"
+  skipped = sum(r["ideal_flops_speedup"] <= 1.0 for r in b1)
   models = meta["models"]
+  seed_counts = {name: sorted(p) for name, p in ppls.items()}
   lines = [
-      "# Real early-exit decoding: measured vs ideal speedup", "",
-      "Regenerate everything here (models if missing, table, plot) with:", "",
+      "# Real early-exit decoding: measured vs ideal speedup, and what it costs in PPL", "",
+      "Regenerate everything here (models if missing, timing, PPLs, table, plot, "
+      "results.csv, results.json) with the first command; the second rebuilds the report "
+      "from the committed results.json timing and whatever seeds have finished, timing "
+      "nothing:", "",
       "```bash", "DEEPEXIT_DATA_DIR=../shared/data python experiments/decoding/run.py",
+      "DEEPEXIT_DATA_DIR=../shared/data python experiments/decoding/run.py --report_only",
       "```", "",
+      f"Timing run: {meta.get('date', 'date not recorded')}, "
+      + (f"{meta['timing_wall_seconds'] / 60:.0f} minutes" if "timing_wall_seconds" in meta
+         else "wall time not recorded") + "; every row is in results.csv and results.json.",
+      "",
       "## Setup", "",
       *[f"- `{name}`: {m['model']['num_layers']} layers, dim {m['model']['dim']}, "
         f"{m['model']['num_heads']} heads, FFN {m['model']['ffn_dim']}, vocab "
         f"{m['model']['vocab_size']}, exit layers {m['exit_layers']}, checkpoint step "
-        f"{m['step']}." for name, m in models.items()],
+        f"{m['step']}; static baseline: {m.get('static_layers', '?')} layers trained alone "
+        f"with a final-layer loss, same data, budget and recipe (checkpoint step "
+        f"{m.get('static_step', '?')}). PPL seeds finished: "
+        f"{', '.join(map(str, seed_counts.get(name, []))) or 'none'}."
+        for name, m in models.items()],
+      "- Recipes: experiments/configs/reference.py (AdamW, peak lr 3e-3, 50 warm-up "
+      "steps, cosine to 0.1x, b1 0.9 / b2 0.98, weight decay 0.01 on weight matrices only, "
+      "clip 1.0, seq 128, batch 32, char-level WikiText-2, first 500,000 training "
+      "characters, 10 epochs, loss weights {2: 0.7, 4: 0.3}), static.py (the same cut to 2 "
+      "layers, final-layer loss), deep.py (8 layers, dim 64, uniform loss weights, 3 "
+      "epochs), deep_static.py (deep.py cut to 2 layers, final-layer loss). The seed "
+      "drives initialisation, data order and dropout.",
+      "- PPL: teacher-forced validation PPL over the whole validation text (each "
+      "character once), `deepexit_jax.sweep.run_sweep`: `copy` rows are the `copy` "
+      "emulation and `recompute` rows the `oracle` one, which the incremental decoder "
+      "reproduces position by position (tests/test_decoding.py, row rule). Batch-8 `sync` "
+      "rows are `not measured`: their exits depend on which rows share the batch. "
+      "`PPL, timed seed 0` is the model timed here; `mean ± std` is over every finished "
+      "training seed (the timing is seed 0's; a seed changes exit rates, so speeds of "
+      "other seeds would differ somewhat).",
       f"- Decoding: `deepexit_jax.decoding.generate`, greedy, softmax confidence, "
       f"prompts of {meta['prompt_len']} validation characters, then enough steps to fill "
       "the KV cache (max_len); every configuration is one jitted call.",
@@ -163,7 +293,15 @@ def write_results(here: str, rows: list[dict], breakdowns: dict, meta: dict) -> 
       f"{met('cpu_step_speedup', 'copy')} `copy`, {met('cpu_step_speedup', 'recompute')} "
       "`recompute`. Whole calls fall short where the steps are cheap relative to the "
       "fixed cost of a call (the reference model: see `fixed ms per call`); `recompute` "
-      "falls short because its ideal leaves out the catch-up it must run (see below).", "",
+      "falls short because its ideal leaves out the catch-up it must run (see below). "
+      f"Rows whose FLOPs ideal is at most 1.0x ({skipped} at batch 1: nobody exits, or the "
+      "exit checks cost more than they save) do not count as meeting it and are left out "
+      "of these counts.", "",
+      "## Speed vs quality against the static shallow model (batch 1, `copy`)", "",
+      "A claim that one model beats another is made only where the PPL gap exceeds twice "
+      "its standard error over training seeds (experiments/common.compare); speeds are "
+      "seed 0's, timed interleaved in one process.", "",
+      *quality_lines(rows, ppls), "",
       "## Where the time goes (batch 1, process CPU microseconds per decode step, median, "
       "per-call costs left out)",
       "",
@@ -181,16 +319,24 @@ def write_results(here: str, rows: list[dict], breakdowns: dict, meta: dict) -> 
   spread = max(
       max(r["tokens_per_s_median"] for r in group) / min(r["tokens_per_s_median"]
                                                          for r in group)
-      for group in ([r for r in rows if r["threshold"] is None and r["model"] == m
+      for group in ([r for r in rows if r["method"] == "full depth" and r["model"] == m
                      and r["batch"] == b] for m in models for b in (1, 8)) if group)
   load = meta.get("load_average")
+  load_end = meta.get("load_average_end")
+  unresolved = [r for r in rows if r["method"] != "full depth" and "call_speedup_q25" in r
+                and r["call_speedup_q25"] <= 1.0 <= r["call_speedup_q75"]]
   lines += [
       "## Reading these numbers", "",
       "- Wall-clock figures depend on what else the host runs"
-      + (f" (1-minute load average {load[0]:.1f} at the start of this run)" if load else "")
+      + (f" (1-minute load average {load[0]:.1f} at the start of this run"
+         + (f", {load_end[0]:.1f} at the end" if load_end else "") + f", on {meta['cpu_count']} "
+         "cores)" if load else "")
       + f": the same full-depth decode timed in different groups of this run differs by "
       f"up to {spread:.2f}x, so single rows are noisy even with interleaving; quote them "
-      "from a run on a quiet machine.",
+      "from a run on a quiet machine. The call speedup's interquartile range over rounds "
+      "(full depth and the row timed back to back in each round) is its noise: "
+      f"{len(unresolved)} rows have 1.0x inside it, i.e. no speed difference from full "
+      "depth was resolved for them in this run.",
       "- `recompute` does not save FLOPs in decoding: its executed-FLOPs column stays "
       "near 1x because almost every pending position is caught up by a later token that "
       "goes deeper. It is also slower per step than `copy` here: a catch-up runs "

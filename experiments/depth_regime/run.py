@@ -47,7 +47,12 @@ LABELS = {"early_exit": "early exit {4: 0.5, 8: 0.5}",
           "static4": "static 4-layer", "static8": "static 8-layer"}
 LEVELS = (0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # besides the static 4-layer model's
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/depth_regime", "Where the runs go.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs go (default "
+                                "runs/depth_regime, or runs/depth_regime_e<epochs> for "
+                                "another --epochs).")
+_EPOCHS = flags.DEFINE_integer("epochs", 4, "Training epochs of every run (4: depth.py's "
+                               "budget; another value is a longer-budget study with its own "
+                               "runs and its report in experiments/depth_regime/epochs<N>/).")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Training seeds of every model.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Train nothing; report finished runs.")
 _KD = flags.DEFINE_bool("kd", True, "Also train the self-distillation early-exit models.")
@@ -60,15 +65,33 @@ class Run:
 
   @property
   def workdir(self) -> str:
-    return os.path.join(_WORKDIR.value, f"{self.model}_s{self.seed}")
+    return os.path.join(workdir(), f"{self.model}_s{self.seed}")
 
   def config(self) -> ExperimentConfig:
     c = load_config_file(CONFIG, self.model)
     c.train.seed = self.seed
+    c.train.epochs = _EPOCHS.value
     return ExperimentConfig.from_dict(c)
 
   def finished(self) -> bool:
     return common.finished(self.config(), self.workdir)
+
+
+def workdir() -> str:
+  if _WORKDIR.value:
+    return _WORKDIR.value
+  return "runs/depth_regime" if _EPOCHS.value == 4 else f"runs/depth_regime_e{_EPOCHS.value}"
+
+
+def out_dir() -> str:
+  """Where the report goes: beside this file at depth.py's 4 epochs, else epochs<N>/."""
+  out = HERE if _EPOCHS.value == 4 else os.path.join(HERE, f"epochs{_EPOCHS.value}")
+  os.makedirs(out, exist_ok=True)
+  return out
+
+
+def _flags_text() -> str:
+  return "" if _EPOCHS.value == 4 else f" --epochs={_EPOCHS.value} --nokd"
 
 
 def planned_runs() -> list[Run]:
@@ -222,11 +245,11 @@ def main(argv):
   sweeps = {r: sweep_rows(r) for r in ee_done}
   statics = {r: static_row(r, ee_done[0]) for r in done if r.model in STATIC}
   lv = levels(sweeps, statics)
-  write_seeds_csv(sweeps, statics, os.path.join(HERE, "seeds.csv"))
-  write_points_csv(sweeps, statics, os.path.join(HERE, "points.csv"))
-  plot(lv, sweeps, statics, os.path.join(HERE, "depth_regime.png"))
+  write_seeds_csv(sweeps, statics, os.path.join(out_dir(), "seeds.csv"))
+  write_points_csv(sweeps, statics, os.path.join(out_dir(), "points.csv"))
+  plot(lv, sweeps, statics, os.path.join(out_dir(), "depth_regime.png"))
   write_results(done, missing, sweeps, statics, lv)
-  print(open(os.path.join(HERE, "RESULTS.md")).read())
+  print(open(os.path.join(out_dir(), "RESULTS.md")).read())
 
 
 def seed_ppl(sweeps, statics) -> dict[str, list[tuple[int, float]]]:
@@ -278,12 +301,15 @@ def write_results(done, missing, sweeps, statics, lv) -> None:
     if w is not None:
       walls.setdefault(r.model, []).append(w / 60)
   lines = [
-      "# Depth regime: early exit vs static depth where depth pays", "",
+      "# Depth regime: early exit vs static depth where depth pays"
+      + ("" if _EPOCHS.value == 4 else f" ({_EPOCHS.value} epochs: the longer budget)"), "",
       "Regenerate (trains what is missing, resumable; then sweeps, tables, chart, CSVs):", "",
       "```bash",
-      "DEEPEXIT_DATA_DIR=../shared/data python experiments/depth_regime/run.py",
+      "DEEPEXIT_DATA_DIR=../shared/data python experiments/depth_regime/run.py"
+      + _flags_text(),
       "# report from the runs finished so far, training nothing:",
-      "DEEPEXIT_DATA_DIR=../shared/data python experiments/depth_regime/run.py --report_only",
+      "DEEPEXIT_DATA_DIR=../shared/data python experiments/depth_regime/run.py --report_only"
+      + _flags_text(),
       "```", "",
       "The same trainings run in the background, one at a time at low priority, with "
       "`nohup bash experiments/queue.sh > runs/queue.log 2>&1 &` (it also trains the "
@@ -379,8 +405,8 @@ def write_results(done, missing, sweeps, statics, lv) -> None:
   lines += ["", "![fronts with error bars](depth_regime.png)", "", "## Answer", ""]
   lines += answer(lv) or ["Needs finished static models."]
   lines += ["", "## Validation PPL per epoch (seed 0; is the budget converged?)", "",
-            "| model | layer | " + " | ".join(f"epoch {e}" for e in range(1, 5)) + " |",
-            "|---|---|" + "---|" * 4]
+            "| model | layer | " + " | ".join(f"epoch {e}" for e in range(1, _EPOCHS.value + 1))
+            + " |", "|---|---|" + "---|" * _EPOCHS.value]
   for r in done:
     if r.seed != 0:
       continue
@@ -398,7 +424,7 @@ def write_results(done, missing, sweeps, statics, lv) -> None:
       thr = "full depth" if r.kind == "full" else f"{r.threshold:g}"
       lines.append(f"| {thr} | {r.kv_policy or '—'} | {r.ppl:.3f} | {_pct(r.shallow_exit)} | "
                    f"{_pct(r.layers_fraction)} | {_pct(r.flops_fraction)} |")
-  report.write_results(HERE, lines)
+  report.write_results(out_dir(), lines)
 
 
 def answer(lv: list[Level]) -> list[str]:

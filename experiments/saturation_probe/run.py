@@ -7,7 +7,11 @@ probe.csv, probe.json, probe.png here; the collection and the fitted probes unde
 --workdir), then closes the loop: sweeps the model with `softmax` and with the best
 probe as the exit measure at several exit-layer sets and plots both PPL-vs-FLOPs curves.
 
-Run from the repository root (about 15-25 minutes on a 2-core CPU, most of it training):
+Static baselines (issue 13): the same model cut to 1, 2 and 4 layers and trained alone
+with a final-layer loss at the same budget (experiments/configs/probe_static.py) are put
+on every sweep, chart and table, beside the softmax- and probe-driven exits.
+
+Run from the repository root (about 25-40 minutes on a 2-core CPU, most of it training):
   DEEPEXIT_DATA_DIR=../shared/data python experiments/saturation_probe/run.py
 Flags: --workdir (default runs/saturation_probe), --tokens (default 65536),
 --kv_policies (default oracle,copy).
@@ -15,18 +19,28 @@ Flags: --workdir (default runs/saturation_probe), --tokens (default 65536),
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
+import statistics
+import sys
+import time
 
 from absl import app, flags, logging
 
-from deepexit_jax import cli, probes, report, sweep
-from deepexit_jax.checkpoint import read_json
-from deepexit_jax.config import ExperimentConfig, load_config_file
-from deepexit_jax.train import train
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # experiments/common.py
+
+import common  # noqa: E402
+
+from deepexit_jax import cli, probes, report, sweep  # noqa: E402
+from deepexit_jax.checkpoint import read_json  # noqa: E402
+from deepexit_jax.config import ExperimentConfig, load_config_file  # noqa: E402
+
 CONFIG = os.path.join(HERE, "..", "configs", "probe.py")
+STATIC_CONFIG = os.path.join(HERE, "..", "configs", "probe_static.py")
+STATIC_DEPTHS = (1, 2, 4)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/saturation_probe", "Where the runs go.")
 _TOKENS = flags.DEFINE_integer("tokens", probes.DEFAULT_TOKENS, "Probe token budget.")
 _KV = flags.DEFINE_list("kv_policies", ["oracle", "copy"], "KV policies of the sweeps.")
@@ -47,10 +61,16 @@ def _eval_records(wd: str) -> list[dict]:
 
 def main(argv):
   del argv
+  t0 = time.perf_counter()
   wd = _WORKDIR.value
   model_dir = os.path.join(wd, "model")
   logging.info("training the probe-study model into %s", model_dir)
-  train(ExperimentConfig.from_dict(load_config_file(CONFIG)), model_dir, resume=True)
+  common.ensure_trained(ExperimentConfig.from_dict(load_config_file(CONFIG)), model_dir)
+  static_dirs = [os.path.join(wd, f"static{d}") for d in STATIC_DEPTHS]
+  for d, sd in zip(STATIC_DEPTHS, static_dirs):
+    logging.info("training the static %d-layer baseline into %s", d, sd)
+    common.ensure_trained(ExperimentConfig.from_dict(load_config_file(STATIC_CONFIG, str(d))),
+                          sd)
   probe_dir = os.path.join(wd, "probes")
   study = probes.run_probes(model_dir, HERE, tokens=_TOKENS.value, probe_dir=probe_dir,
                             collection_path=os.path.join(wd, "collection.npz"))
@@ -60,10 +80,12 @@ def main(argv):
   for set_name, layers in EXIT_SETS.items():
     sweeps[set_name] = {
         "softmax": sweep.run_sweep(model_dir, thresholds, exit_layers=layers,
-                                   measure="softmax", kv_policies=_KV.value),
+                                   measure="softmax", kv_policies=_KV.value,
+                                   static_dirs=static_dirs),
         f"probe {study.best}": sweep.run_sweep(model_dir, thresholds, exit_layers=layers,
                                                measure="probe", probe=best,
-                                               kv_policies=_KV.value),
+                                               kv_policies=_KV.value,
+                                               static_dirs=static_dirs),
     }
     slug = set_name.replace(" ", "_").replace(",", "")
     for name, rep in sweeps[set_name].items():
@@ -73,7 +95,10 @@ def main(argv):
       report.write_report(rep, out)
     report.plot_measures(sweeps[set_name], os.path.join(HERE, f"sweep_{slug}.png"),
                          title=f"softmax vs probe `{study.best}`, exits at {set_name}")
-  write_results(study, sweeps, model_dir)
+  walls = {"model": common.wall_seconds(model_dir),
+           **{f"static {d}": common.wall_seconds(sd) for d, sd in zip(STATIC_DEPTHS, static_dirs)},
+           "whole run": time.perf_counter() - t0}
+  write_results(study, sweeps, model_dir, walls)
   print(open(os.path.join(HERE, "RESULTS.md")).read())
 
 
@@ -173,8 +198,73 @@ def _within_text(rows: list[sweep.SweepRow]) -> str:
   return f"{_pct(r.flops_fraction)}% of full-depth FLOPs ({_pct(r.layers_fraction)}% of the layers)"
 
 
+def _depth_regime_spread() -> dict[str, float]:
+  """Seed std of each model's PPL in experiments/depth_regime/seeds.csv (8 layers, dim 64:
+  the nearest models with several seeds), or {} if absent."""
+  path = os.path.join(HERE, "..", "depth_regime", "seeds.csv")
+  if not os.path.exists(path):
+    return {}
+  by_model: dict[str, list[float]] = {}
+  with open(path) as f:
+    for row in csv.DictReader(f):
+      by_model.setdefault(row["model"], []).append(float(row["ppl"]))
+  return {m: statistics.stdev(v) for m, v in by_model.items() if len(v) > 1}
+
+
+def _static_lines(sweeps: dict[str, dict[str, sweep.SweepReport]]) -> list[str]:
+  """Each static model against the exit fronts at no more FLOPs (single seed)."""
+  spread = _depth_regime_spread()
+  lines = [
+      "## Static baselines at the probe model's budget", "",
+      f"The probe model cut to {', '.join(map(str, STATIC_DEPTHS))} layers, each trained "
+      "alone with a final-layer loss on the same data for the same epochs and seed "
+      "(experiments/configs/probe_static.py), costed in the 8-layer model's FLOPs. For "
+      "each, the lowest PPL an exit setting reaches at no more FLOPs (full depth and every "
+      "threshold of that measure and KV policy), and its gap to the static model "
+      "(negative: early exit is better).", ""]
+  for set_name, reps in sweeps.items():
+    statics = [r for r in next(iter(reps.values())).rows if r.kind == "static"]
+    cols = [(name, policy) for name, rep in reps.items()
+            for policy in rep.metadata["kv_policies"]]
+    lines += [f"### Exits at {set_name}", "",
+              "| static model | its PPL | its FLOPs | " + " | ".join(
+                  f"best {name}, {policy} at <= these FLOPs (gap)" for name, policy in cols)
+              + " |", "|---|---|---|" + "---|" * len(cols)]
+    for st in statics:
+      cells = []
+      for name, policy in cols:
+        rep = reps[name]
+        ok = [r for r in rep.rows if (r.kind == "full" or (
+            r.kind == "threshold" and r.kv_policy == policy))
+              and r.flops_fraction <= st.flops_fraction * (1 + 1e-3)]
+        if not ok:
+          cells.append("none (every setting costs more)")
+          continue
+        b = min(ok, key=lambda r: r.ppl)
+        where = "full depth" if b.kind == "full" else f"thr {b.threshold:g}"
+        cells.append(f"{b.ppl:.3f} ({where}, {_pct(b.flops_fraction)}%) ({b.ppl - st.ppl:+.3f})")
+      lines.append(f"| {st.label} | {st.ppl:.3f} | {_pct(st.flops_fraction)}% | "
+                   + " | ".join(cells) + " |")
+    lines.append("")
+  if spread:
+    lo, hi = min(spread.values()), max(spread.values())
+    pooled = math.sqrt(statistics.mean(v * v for v in spread.values()))
+    lines += [
+        "**One training seed per model here**, so no gap above is claimed as a "
+        "difference. As a yardstick: 8-layer dim-64 models of experiments/depth_regime "
+        f"(other training text, 3 seeds) have a seed std of {lo:.3f}-{hi:.3f} PPL per "
+        f"model (pooled {pooled:.3f}). Two single-seed models differ by noise alone with a "
+        f"std of about sqrt(2) x {pooled:.3f} = {math.sqrt(2) * pooled:.3f}, so a gap here "
+        f"would need to exceed about {2 * math.sqrt(2) * pooled:.2f} PPL (2 standard "
+        "errors, the rule of experiments/common.compare) before it said anything.", ""]
+  else:
+    lines += ["**One training seed per model here**, so no gap above is claimed as a "
+              "difference.", ""]
+  return lines
+
+
 def write_results(study: probes.ProbeStudy, sweeps: dict[str, dict[str, sweep.SweepReport]],
-                  model_dir: str) -> None:
+                  model_dir: str, walls: dict[str, float | None]) -> None:
   """RESULTS.md: every number in it comes from this run's files."""
   ref = read_json(os.path.join(HERE, "reference_table.json"))
   exp = read_json(os.path.join(model_dir, "config.json"))
@@ -216,6 +306,13 @@ def write_results(study: probes.ProbeStudy, sweeps: dict[str, dict[str, sweep.Sw
       f"{meta['fit']['batch_size']}, at most {meta['fit']['max_epochs']} epochs, patience "
       f"{meta['fit']['patience']}, seed {meta['fit']['seed']}), MLP hidden width "
       f"{meta['fit']['hidden']}, inputs standardised on the training part.",
+      "- Training wall time (seconds, this shared 2-core CPU): " + ", ".join(
+          f"{k} {v:.0f}" if v is not None else f"{k} not recorded (trained before it was "
+          "recorded)" for k, v in walls.items()) + ". One training seed. The whole recipe "
+      "(experiments/configs/probe.py):",
+      *["  " + line for line in common.recipe_lines(
+          ExperimentConfig.from_dict(load_config_file(CONFIG)),
+          round(evals[-1]["step"] / evals[-1]["epoch"]))],
       "- **Positive class** of F1/precision/recall everywhere: *settled* (for the `change` "
       "label: the top-1 does not change at the next layer). This is the class the "
       "reference's \"saturation detection\" names; the reference does not state it, so "
@@ -313,9 +410,11 @@ def write_results(study: probes.ProbeStudy, sweeps: dict[str, dict[str, sweep.Sw
          if study.best.endswith("_balanced") else ""),
       "",
   ]
+  lines += _static_lines(sweeps)
   for set_name in sweeps:
     slug = set_name.replace(" ", "_").replace(",", "")
-    lines += [f"![softmax vs probe, exits at {set_name}](sweep_{slug}.png)", "",
+    lines += [f"![softmax vs probe (curves) and the static models (squares), exits at "
+              f"{set_name}](sweep_{slug}.png)", "",
               f"Full sweep tables: [softmax](sweep_{slug}_softmax/sweep.md), "
               f"[probe](sweep_{slug}_probe/sweep.md).", ""]
   with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
