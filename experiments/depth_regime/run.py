@@ -442,9 +442,10 @@ def answer(lv: list[Level]) -> list[str]:
           single.append(f"{_pct(v.flops)} ({gap:+.3f})")
         elif gap < -2 * se:
           below.append(f"{_pct(v.flops)} ({gap:+.3f} ± {se:.3f} PPL, "
-                       f"{100 * gap / statistics.mean(v.static.values()):+.2f}%)")
+                       f"{100 * gap / statistics.mean(v.static.values()):+.2f}%, "
+                       f"{abs(gap) / se:.1f} SE)")
         elif gap > 2 * se:
-          above.append(f"{_pct(v.flops)} ({gap:+.3f} ± {se:.3f})")
+          above.append(f"{_pct(v.flops)} ({gap:+.3f} ± {se:.3f}, {abs(gap) / se:.1f} SE)")
         else:
           tied.append(_pct(v.flops))
       if single:
