@@ -38,7 +38,7 @@ LAYER_EMBED_DIM = 8
 
 
 # ----------------------------------------------------------------------------------------
-# Probes: features, the ConfidenceProbe, fitting.
+# Predictors: features, the ConfidenceProbe, fitting.
 
 
 def probe_features(feature: str, h_in_XD: Array, h_out_XD: Array) -> Array:

@@ -256,7 +256,7 @@ def run_study(collection: Collection, *, labels: Sequence[str] = LABELS,
 
 
 # ----------------------------------------------------------------------------------------
-# The `deepexit-probe` pipeline and binary.
+# The `deepexit-probe` pipeline (its binary is `deepexit_jax.main.probe`).
 
 
 def run_probes(checkpoint_dir: str, out_dir: str, *, tokens: int = DEFAULT_TOKENS,
