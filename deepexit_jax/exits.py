@@ -666,8 +666,8 @@ def check_exit_layers(exit_layers: Sequence[int], num_layers: int) -> tuple[int,
         f"exit_layers must be a sequence of layer numbers, got {exit_layers!r}: "
         "pass e.g. exit_layers=(2,)") from None
   if not layers:
-    raise UserError(f"exit_layers is empty: pass at least one layer, e.g. ({num_layers},) "
-                    "for full depth")
+    raise UserError(f"exit_layers is empty: it must be non-empty; pass at least one layer, "
+                    f"e.g. ({num_layers},) for full depth")
   for k in layers:
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= num_layers:
       raise UserError(f"exit_layers={layers!r} contains {k!r}: layers are numbered 1.."
