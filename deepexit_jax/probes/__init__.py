@@ -74,6 +74,10 @@ from deepexit_jax.probes.study import (
     topk_settling,
 )
 
+# The old name, still used by experiments/bench/memory.py; switch it to
+# `trace_layer_summaries` and drop this.
+_layer_summaries = trace_layer_summaries
+
 
 def run() -> None:
   """`deepexit-probe` under its old entry point. Transitional: console scripts installed before
