@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from deepexit_jax import data, exits, sweep
+from deepexit_jax import checkpoint, data, exits, sweep
 from deepexit_jax.errors import UserError
 from deepexit_jax.model import DeepSupervisionTransformer
 
@@ -294,8 +294,8 @@ class ExitLosses:
 
     Unit "token": total loss / tokens; "sequence": the mean of window means.
     """
-    exits._check_choice("consistency", consistency, CONSISTENCIES)
-    exits._check_choice("unit", unit, UNITS)
+    exits.check_choice("consistency", consistency, CONSISTENCIES)
+    exits.check_choice("unit", unit, UNITS)
     w = np.arange(self.num_windows) if windows is None else np.asarray(windows)
     sums_SW = (self.textual if consistency == "textual" else self.risk)[:, w]
     tokens_W = self.tokens[w]
@@ -671,8 +671,8 @@ def run_calibration(checkpoint_dir: str, thresholds: Any, *, delta: float, epsil
     A `CalibrationReport` (its `to_json()` is calibration.json).
   """
   delta, epsilon = check_levels(delta, epsilon)
-  exits._check_choice("consistency", consistency, CONSISTENCIES)
-  exits._check_choice("unit", unit, UNITS)
+  exits.check_choice("consistency", consistency, CONSISTENCIES)
+  exits.check_choice("unit", unit, UNITS)
   _pvalue_fn(bound)
   run = sweep.load_run(checkpoint_dir, data_dir)
   model = run.checkpoint.model
@@ -686,5 +686,5 @@ def run_calibration(checkpoint_dir: str, thresholds: Any, *, delta: float, epsil
                            unit=unit, bound=bound, fraction=fraction, seed=seed,
                            splits=splits)
   rep.fields.update(checkpoint=checkpoint_dir, step=run.checkpoint.step,
-                    params_sha256=sweep.params_digest(model), data=run.data_description)
+                    params_sha256=checkpoint.params_digest(model), data=run.data_description)
   return rep

@@ -18,11 +18,13 @@ so a killed run leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -224,3 +226,12 @@ def load_checkpoint(directory: str) -> Checkpoint:
 def load_model(directory: str) -> DeepSupervisionTransformer:
   """Loads the best saved model of a checkpoint directory (see `save_model`)."""
   return load_checkpoint(directory).model
+
+
+def params_digest(model: nnx.Module) -> str:
+  """Short SHA-256 of the parameters: identifies the exact checkpoint a sweep or a probe
+  study used."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(pure_params(model)):
+    h.update(np.asarray(leaf).tobytes())
+  return h.hexdigest()[:16]

@@ -11,6 +11,7 @@ from typing import Any
 
 import ml_collections
 
+from deepexit_jax import exits, validation
 from deepexit_jax.data import DataConfig
 from deepexit_jax.errors import UserError
 from deepexit_jax.losses import CURRICULA, resolve_loss_weights
@@ -59,21 +60,22 @@ class TrainConfig:
   num_devices: int = 0
 
   def __post_init__(self):
-    _check_int("train.epochs", self.epochs, 1)
-    if self.max_steps is not None:
-      _check_int("train.max_steps", self.max_steps, 1)
-    _check_int("train.warmup_steps", self.warmup_steps, 0)
-    _check_int("train.eval_every", self.eval_every, 0)
-    _check_int("train.log_every", self.log_every, 1)
-    _check_int("train.checkpoint_every", self.checkpoint_every, 0)
-    _check_int("train.num_devices", self.num_devices, 0)
-    _check_int("train.seed", self.seed, 0)
-    _check_float("train.learning_rate", self.learning_rate, 0.0, math.inf, low_open=True)
-    _check_float("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-    _check_float("train.weight_decay", self.weight_decay, 0.0, math.inf)
-    _check_float("train.grad_clip", self.grad_clip, 0.0, math.inf)
-    _check_float("train.b1", self.b1, 0.0, 1.0)
-    _check_float("train.b2", self.b2, 0.0, 1.0)
+    validation.check_int("train.epochs", self.epochs, 1)
+    validation.check_int("train.max_steps", self.max_steps, 1,
+                         none_means="to train for train.epochs")
+    validation.check_int("train.warmup_steps", self.warmup_steps, 0)
+    validation.check_int("train.eval_every", self.eval_every, 0)
+    validation.check_int("train.log_every", self.log_every, 1)
+    validation.check_int("train.checkpoint_every", self.checkpoint_every, 0)
+    validation.check_int("train.num_devices", self.num_devices, 0)
+    validation.check_int("train.seed", self.seed, 0)
+    validation.check_float("train.learning_rate", self.learning_rate, 0.0, math.inf,
+                           low_open=True)
+    validation.check_float("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+    validation.check_float("train.weight_decay", self.weight_decay, 0.0, math.inf)
+    validation.check_float("train.grad_clip", self.grad_clip, 0.0, math.inf)
+    validation.check_float("train.b1", self.b1, 0.0, 1.0)
+    validation.check_float("train.b2", self.b2, 0.0, 1.0)
 
 
 LAYER_DROPOUT_SCHEDULES = ("uniform", "linear", "exponential")
@@ -116,18 +118,15 @@ class RecipeConfig:
   kd_temperature: float = 1.0
 
   def __post_init__(self):
-    if self.curriculum not in CURRICULA:
-      raise UserError(f"recipe.curriculum={self.curriculum!r}: choose one of "
-                      f"{', '.join(CURRICULA)}")
-    if self.layer_dropout_schedule not in LAYER_DROPOUT_SCHEDULES:
-      raise UserError(f"recipe.layer_dropout_schedule={self.layer_dropout_schedule!r}: "
-                      f"choose one of {', '.join(LAYER_DROPOUT_SCHEDULES)}")
-    _check_int("recipe.rotation_period", self.rotation_period, 1)
-    _check_float("recipe.gradual_fraction", self.gradual_fraction, 0.0, 1.0)
-    _check_float("recipe.layer_dropout", self.layer_dropout, 0.0, 0.99)
-    _check_float("recipe.confidence_power", self.confidence_power, 0.0, 10.0)
-    _check_float("recipe.kd_weight", self.kd_weight, 0.0, 1.0)
-    _check_float("recipe.kd_temperature", self.kd_temperature, 0.0, 100.0, low_open=True)
+    validation.check_choice("recipe.curriculum", self.curriculum, CURRICULA)
+    validation.check_choice("recipe.layer_dropout_schedule", self.layer_dropout_schedule,
+                            LAYER_DROPOUT_SCHEDULES)
+    validation.check_int("recipe.rotation_period", self.rotation_period, 1)
+    validation.check_float("recipe.gradual_fraction", self.gradual_fraction, 0.0, 1.0)
+    validation.check_float("recipe.layer_dropout", self.layer_dropout, 0.0, 0.99)
+    validation.check_float("recipe.confidence_power", self.confidence_power, 0.0, 10.0)
+    validation.check_float("recipe.kd_weight", self.kd_weight, 0.0, 1.0)
+    validation.check_float("recipe.kd_temperature", self.kd_temperature, 0.0, 100.0, low_open=True)
 
   @property
   def is_default(self) -> bool:
@@ -158,13 +157,7 @@ class ExperimentConfig:
   def __post_init__(self):
     n = self.model.num_layers
     resolve_loss_weights(self.loss_weights, n)
-    if not self.exit_layers or list(self.exit_layers) != sorted(set(self.exit_layers)):
-      raise UserError(
-          f"exit_layers={self.exit_layers} must be a non-empty strictly ascending list")
-    if not all(1 <= e <= n for e in self.exit_layers):
-      raise UserError(
-          f"exit_layers={self.exit_layers} lie outside the model's layers 1..{n}: "
-          "fix exit_layers or model.num_layers")
+    exits.check_exit_layers(self.exit_layers, n)  # The one check of exit layers.
     if self.data.seq_len > self.model.max_len:
       raise UserError(
           f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}: "
@@ -219,19 +212,6 @@ def _build(cls, fields: dict[str, Any], section: str):
     return cls(**fields)
   except TypeError as e:
     raise UserError(f"bad {section} config: {e}") from None
-
-
-def _check_int(name: str, value: Any, low: int):
-  if not isinstance(value, int) or isinstance(value, bool) or value < low:
-    raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_float(name: str, value: Any, low: float, high: float, low_open: bool = False):
-  ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-  ok = ok and (value > low if low_open else value >= low) and value <= high
-  if not ok:
-    bracket = "(" if low_open else "["
-    raise UserError(f"{name} must be a finite number in {bracket}{low}, {high}], got {value!r}")
 
 
 def load_config_file(path: str, *args: str) -> ml_collections.ConfigDict:

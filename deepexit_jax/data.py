@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from deepexit_jax import tokenizers
+from deepexit_jax import tokenizers, validation
 from deepexit_jax.errors import UserError
 
 DATASETS = ("embedded", "wikitext2", "text_files", "tiny_shakespeare")
@@ -24,10 +24,6 @@ WIKITEXT2_SUBDIR = "wikitext-2-raw-v1"
 TINY_SHAKESPEARE_FILE = os.path.join("tiny_shakespeare", "input.txt")
 # Mirrors wikitext2.SPLIT_FILES, kept here so validating a config does not import TFDS.
 WIKITEXT2_SPLITS = ("train", "validation", "test", "train_prefix")
-
-
-def _is_int(x) -> bool:
-  return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,28 +68,20 @@ class DataConfig:
   batch_size: int = 32
 
   def __post_init__(self):
-    if self.dataset not in DATASETS:
-      raise UserError(f"data.dataset={self.dataset!r} is unknown: use one of {', '.join(DATASETS)}")
-    if self.tokenizer not in tokenizers.TOKENIZER_KINDS:
-      raise UserError(f"data.tokenizer={self.tokenizer!r} is unknown: use one of "
-                      f"{', '.join(tokenizers.TOKENIZER_KINDS)}")
+    validation.check_choice("data.dataset", self.dataset, DATASETS)
+    validation.check_choice("data.tokenizer", self.tokenizer, tokenizers.TOKENIZER_KINDS)
     for name in ("seq_len", "batch_size", "bpe_vocab_size"):
-      value = getattr(self, name)
-      if not _is_int(value) or value < 1:
-        raise UserError(f"data.{name}={value!r} is invalid: it must be an integer >= 1")
+      validation.check_int(f"data.{name}", getattr(self, name), 1)
     for name in ("train_chars", "val_chars"):
-      value = getattr(self, name)
-      if value is not None and (not _is_int(value) or value < 1):
-        raise UserError(f"data.{name}={value!r} is invalid: it must be an integer >= 1, or None "
-                        "for the whole split")
-    if (not isinstance(self.split_fraction, int | float) or isinstance(self.split_fraction, bool)
-        or not 0.0 < self.split_fraction < 1.0):
-      raise UserError(f"data.split_fraction={self.split_fraction!r} is invalid: it must lie in "
-                      "(0, 1), exclusive")
+      validation.check_int(f"data.{name}", getattr(self, name), 1,
+                           none_means="for the whole split")
+    fraction = self.split_fraction
+    validation.require(validation.is_number(fraction) and 0.0 < fraction < 1.0,
+                       "data.split_fraction", fraction, "lie in (0, 1), exclusive")
     for name in ("data_dir", "tfds_dir", "train_file", "val_file"):
       value = getattr(self, name)
-      if value is not None and (not isinstance(value, str) or not value):
-        raise UserError(f"data.{name}={value!r} is invalid: it must be a non-empty path or None")
+      validation.require(value is None or (isinstance(value, str) and bool(value)),
+                         f"data.{name}", value, "be a non-empty path or None")
 
     if self.dataset == "text_files":
       if self.train_file is None:

@@ -35,7 +35,8 @@ Both use lambda * f_t for lambda >= 0 and lambda / f_t for lambda < 0 (entropy),
 tokens always exit more easily, tau = 0 is exactly constant, inf stays inf, and lambda_t
 grows with lambda (a larger threshold is stricter at every position).
 
-A threshold may also be a `calibration.Calibration` (`calibrate_threshold`): its
+A threshold may also be a `CalibratedThreshold` such as `calibration.Calibration`
+(`calibrate_threshold`): its
 `threshold` is used, after checking that the call's measure (and, in
 `predict_with_exit`, every other setting the calibration recorded) matches.
 
@@ -104,7 +105,19 @@ DECAY_FORMS = ("exponential", "calm")
 _NONNEGATIVE_MEASURES = ("softmax", "margin", "state")
 # The measures computed from the exit head's logits (each check pays for the head).
 LOGIT_MEASURES = ("softmax", "margin", "entropy")
-_LOGIT_MEASURES = LOGIT_MEASURES
+
+
+@runtime_checkable
+class CalibratedThreshold(Protocol):
+  """A threshold with the exit settings it was calibrated under (`calibration.Calibration`).
+
+  Attributes:
+    threshold: the number (or inf) to use.
+    settings: `exit_settings` items it is valid under; calls with others are refused.
+  """
+
+  threshold: Any
+  settings: dict[str, Any]
 
 
 @runtime_checkable
@@ -141,11 +154,13 @@ class ExitResult:
       for tokens that ran to full depth (NaN if no exit layer lies below N).
     layers_fraction: [B, T] layers run / N.
     mean_layers_fraction: [] mean of `layers_fraction`.
-    flops_fraction: [B, T] FLOPs under the policy / full-depth FLOPs (module docstring).
+    flops_fraction: [B, T] `flops` / full-depth FLOPs (module docstring).
     mean_flops_fraction: [] mean of `flops_fraction`.
     exit_fraction: [E] fraction of tokens exiting at each of `exit_layers`.
     threshold: [] the threshold used (before any position decay).
     nll: [B, T] negative log-likelihood of `targets` under `logits`, or None.
+    flops: [B, T] float32 FLOPs of each token under the policy (`FlopCounter.token`),
+      what `flops_fraction` divides; sums of it give ratios of sums (sweeps).
     exit_layers: the exit layers checked (static; layers below N, ascending).
   """
 
@@ -159,6 +174,7 @@ class ExitResult:
   exit_fraction: Array
   threshold: Array
   nll: Array | None = None
+  flops: Array | None = None
   exit_layers: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
 
 
@@ -218,7 +234,7 @@ def _confidence_from_logp(measure: str, logp_BTV: Array) -> Array:
 
 def _confidence(measure: str, probe: Any, logits_BTV: Array | None, h_in_BTD: Array,
                 h_out_BTD: Array, layer: Array, logp_BTV: Array | None = None) -> Array:
-  if measure in _LOGIT_MEASURES:
+  if measure in LOGIT_MEASURES:
     if logp_BTV is not None:
       return _confidence_from_logp(measure, logp_BTV)
     return _LOGIT_MEASURE_FNS[measure](logits_BTV)
@@ -265,9 +281,14 @@ class FlopCounter:
   def cosine(self) -> int:
     return 2 * 3 * self.dim
 
+  def exit_at(self, t, exit_layer):
+    """The blocks up to `exit_layer` and one head, nothing else: a token whose exit costs
+    nothing to decide (the sweep's oracle bound), and at `exit_layer` = N full depth."""
+    return exit_layer * self.block(t) + self.head
+
   def full_depth(self, t):
     """All N blocks plus one head: the denominator of `flops_fraction`."""
-    return self.num_layers * self.block(t) + self.head
+    return self.exit_at(t, self.num_layers)
 
   def token(self, t, exit_layer, num_checks, *, measure: str = "softmax",
             kv_policy: str = "oracle", probe_flops: int = 0):
@@ -287,7 +308,7 @@ class FlopCounter:
     flops = exit_layer * self.block(t)
     if kv_policy == "copy":
       flops = flops + (self.num_layers - exit_layer) * self.kv
-    if measure in _LOGIT_MEASURES:
+    if measure in LOGIT_MEASURES:
       return flops + num_checks * self.head + (exit_layer == self.num_layers) * self.head
     per_check = self.cosine if measure == "state" else probe_flops
     return flops + self.head + num_checks * per_check
@@ -310,7 +331,7 @@ def flops_per_token(config: ModelConfig, t, exit_layer, *, exit_layers: Sequence
   Returns:
     FLOPs (divide by `FlopCounter.from_config(config).full_depth(t)` for a fraction).
   """
-  layers = _check_exit_layers(exit_layers, config.num_layers)
+  layers = check_exit_layers(exit_layers, config.num_layers)
   num_checks = sum((exit_layer >= k) * 1 for k in layers)
   return FlopCounter.from_config(config).token(
       t, exit_layer, num_checks, measure=measure, kv_policy=kv_policy,
@@ -356,7 +377,7 @@ def oracle_exit_layer(logits_NBTV: Array, exit_layers: Sequence[int]) -> Array:
     int32 [B, T] 1-based layer; N where no exit layer agrees with the last layer.
   """
   n = logits_NBTV.shape[0]
-  layers = _check_exit_layers(exit_layers, n)
+  layers = check_exit_layers(exit_layers, n)
   top_NBT = jnp.argmax(logits_NBTV, -1)
   agree_EBT = top_NBT[np.asarray([k - 1 for k in layers], np.int32)] == top_NBT[-1]
   return jnp.asarray(layers + (n,), jnp.int32)[_first_true(agree_EBT)]
@@ -413,6 +434,7 @@ def _finish(config: ModelConfig, opts: _Options, threshold: Array, idx_BT: Array
       exit_fraction=exit_fraction_E,
       threshold=threshold,
       nll=nll_BT,
+      flops=flops_BT,
       exit_layers=opts.exit_layers)
 
 
@@ -631,8 +653,12 @@ def _predict_jit(nested: bool):
 # Input validation (Python, before tracing) and the public entry point.
 
 
-def _check_exit_layers(exit_layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
-  """Validates 1-based exit layers; returns those below num_layers (N is the fallback)."""
+def check_exit_layers(exit_layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
+  """Validates 1-based exit layers; returns those below num_layers (N is the fallback).
+
+  Raises:
+    UserError: not a sequence, empty, out of 1..num_layers, or not strictly ascending.
+  """
   try:
     layers = tuple(exit_layers)
   except TypeError:
@@ -640,8 +666,8 @@ def _check_exit_layers(exit_layers: Sequence[int], num_layers: int) -> tuple[int
         f"exit_layers must be a sequence of layer numbers, got {exit_layers!r}: "
         "pass e.g. exit_layers=(2,)") from None
   if not layers:
-    raise UserError(f"exit_layers is empty: pass at least one layer, e.g. ({num_layers},) "
-                    "for full depth")
+    raise UserError(f"exit_layers is empty: it must be non-empty; pass at least one layer, "
+                    f"e.g. ({num_layers},) for full depth")
   for k in layers:
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= num_layers:
       raise UserError(f"exit_layers={layers!r} contains {k!r}: layers are numbered 1.."
@@ -652,7 +678,8 @@ def _check_exit_layers(exit_layers: Sequence[int], num_layers: int) -> tuple[int
   return tuple(int(k) for k in layers if k < num_layers)
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+  """Raises a `UserError` naming `name` and the allowed `choices` unless value is one."""
   if value not in choices:
     raise UserError(f"unknown {name}={value!r}: choose one of {', '.join(choices)}")
 
@@ -669,7 +696,7 @@ def exit_settings(num_layers: int, *, exit_layers: Sequence[int], measure: str,
   """
   return {
       "measure": measure,
-      "exit_layers": _check_exit_layers(exit_layers, num_layers),
+      "exit_layers": check_exit_layers(exit_layers, num_layers),
       "kv_policy": kv_policy,
       "routing": routing,
       "seq_quantile": float(seq_quantile) if routing == "sequence" else 1.0,
@@ -679,10 +706,8 @@ def exit_settings(num_layers: int, *, exit_layers: Sequence[int], measure: str,
 
 
 def _calibrated_value(threshold: Any, measure: str, settings: dict[str, Any] | None) -> Any:
-  """A `Calibration`'s threshold, once its recorded settings match the call's."""
-  from deepexit_jax import calibration  # Here, not at import: calibration imports exits.
-
-  if not isinstance(threshold, calibration.Calibration):
+  """A `CalibratedThreshold`'s threshold, once its recorded settings match the call's."""
+  if not isinstance(threshold, CalibratedThreshold):
     return threshold
   recorded = dict(threshold.settings)
   for key, value in {**(settings or {}), "measure": measure}.items():
@@ -694,13 +719,16 @@ def _calibrated_value(threshold: Any, measure: str, settings: dict[str, Any] | N
   return threshold.threshold
 
 
-def _check_threshold(threshold: Any, measure: str,
+def check_threshold(threshold: Any, measure: str,
                      settings: dict[str, Any] | None = None) -> Array:
   """Rejects NaN (and negative, for [0,1]-type measures) thresholds, where concrete.
 
-  A `calibration.Calibration` stands for its `threshold`; its recorded measure must
-  equal `measure`, and every other recorded setting the one in `settings` (the
-  caller's `exit_settings`, where it has them).
+  A `CalibratedThreshold` (`calibration.Calibration`) stands for its `threshold`; its
+  recorded measure must equal `measure`, and every other recorded setting the one in
+  `settings` (the caller's `exit_settings`, where it has them).
+
+  Returns:
+    The threshold as a float32 array, scalar or [S].
   """
   threshold = _calibrated_value(threshold, measure, settings)
   # A traced threshold (under an outer jit) has no value to check; its shape is known.
@@ -722,6 +750,39 @@ def _check_threshold(threshold: Any, measure: str,
   if value.ndim > 1:
     raise UserError(f"threshold must be a scalar or a 1-D array [S], got shape {value.shape}")
   return value
+
+
+def check_probe_and_threshold(threshold: Any, measure: str, probe: Any,
+                              settings: dict[str, Any] | None = None
+                              ) -> tuple[Array, Any, Any, int]:
+  """The threshold and probe arguments of an exit engine or decoder, checked together.
+
+  Args:
+    threshold: a number, a 1-D array or a `CalibratedThreshold` (see `check_threshold`).
+    measure: one of `MEASURES`; "probe" needs `probe` and `probe` needs "probe".
+    probe: a `ConfidenceProbe` or None.
+    settings: the call's `exit_settings`, which a calibrated threshold must match.
+
+  Returns:
+    (float32 threshold, static probe, traced probe, the probe's FLOPs per token), the
+    probe parts as `split_probe` returns them.
+
+  Raises:
+    UserError: a probe without measure "probe" or the reverse, or a bad threshold.
+  """
+  if (measure == "probe") != (probe is not None):
+    raise UserError("measure='probe' needs probe=..., and probe=... needs measure='probe': "
+                    "pass both or neither")
+  threshold = check_threshold(threshold, measure, settings)
+  static_probe, dynamic_probe, probe_flops = split_probe(probe)
+  return threshold, static_probe, dynamic_probe, probe_flops
+
+
+# The old private names, still used by `deepexit_jax.decoding` on this branch; remove them
+# once it calls the public ones.
+_check_exit_layers = check_exit_layers
+_check_choice = check_choice
+_check_threshold = check_threshold
 
 
 def _is_hashable(x: Any) -> bool:
@@ -780,11 +841,11 @@ def predict_with_exit(
     An `ExitResult`; with a 1-D threshold every field has a leading S axis.
   """
   config = model.config
-  layers = _check_exit_layers(exit_layers, config.num_layers)
-  _check_choice("measure", measure, MEASURES)
-  _check_choice("kv_policy", kv_policy, KV_POLICIES)
-  _check_choice("routing", routing, ROUTINGS)
-  _check_choice("threshold_decay_form", threshold_decay_form, DECAY_FORMS)
+  layers = check_exit_layers(exit_layers, config.num_layers)
+  check_choice("measure", measure, MEASURES)
+  check_choice("kv_policy", kv_policy, KV_POLICIES)
+  check_choice("routing", routing, ROUTINGS)
+  check_choice("threshold_decay_form", threshold_decay_form, DECAY_FORMS)
   tokens_BT = jnp.asarray(tokens, jnp.int32)
   if tokens_BT.ndim != 2 or tokens_BT.shape[1] < 1:
     raise UserError(f"tokens must be a [batch, time] array, got shape {tokens_BT.shape}")
@@ -803,14 +864,11 @@ def predict_with_exit(
   if not (math.isfinite(threshold_decay) and threshold_decay >= 0.0):
     raise UserError(f"threshold_decay={threshold_decay!r} must be a finite number >= 0 "
                     "(0 keeps the threshold constant)")
-  if (measure == "probe") != (probe is not None):
-    raise UserError("measure='probe' needs probe=..., and probe=... needs measure='probe': "
-                    "pass both or neither")
-  threshold = _check_threshold(threshold, measure, exit_settings(
-      config.num_layers, exit_layers=exit_layers, measure=measure, kv_policy=kv_policy,
-      routing=routing, seq_quantile=seq_quantile, threshold_decay=threshold_decay,
-      threshold_decay_form=threshold_decay_form))
-  static_probe, dynamic_probe, probe_flops = split_probe(probe)
+  threshold, static_probe, dynamic_probe, probe_flops = check_probe_and_threshold(
+      threshold, measure, probe, exit_settings(
+          config.num_layers, exit_layers=exit_layers, measure=measure, kv_policy=kv_policy,
+          routing=routing, seq_quantile=seq_quantile, threshold_decay=threshold_decay,
+          threshold_decay_form=threshold_decay_form))
   opts = _Options(exit_layers=layers, measure=measure, kv_policy=kv_policy, routing=routing,
                   seq_quantile=float(seq_quantile), threshold_decay=float(threshold_decay),
                   probe_flops=int(probe_flops), return_logits=bool(return_logits),

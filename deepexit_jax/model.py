@@ -21,14 +21,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
+from deepexit_jax.attention import ATTENTION_RESIDUALS, cached_attention, causal_attention
 from deepexit_jax.errors import UserError
 
 Array = jax.Array
 
-# Names of the residuals the custom-VJP attention saves (see `_attend`).
-ATTENTION_RESIDUALS = ("attention_out", "attention_lse")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -254,116 +252,6 @@ class Block(nnx.Module):
     att_BHK = jnp.einsum("bhs,bshk->bhk", p_BHX[..., :s], v_BSHK) + p_BHX[..., s:] * v_BHK
     f32 = jnp.float32
     return self._residual(h_BD, att_BHK, (None, None)), k_BHK.astype(f32), v_BHK.astype(f32)
-
-
-def cached_attention(q_BRHK: Array, k_BRHK: Array, v_BRHK: Array, k_BSHK: Array,
-                     v_BSHK: Array, cache_mask_BRS: Array, new_mask_BRR: Array) -> Array:
-  """Softmax attention of R new rows over [cache; new rows], without concatenating the cache.
-
-  Args:
-    q_BRHK, k_BRHK, v_BRHK: the new rows' queries, keys and values.
-    k_BSHK, v_BSHK: the cache.
-    cache_mask_BRS, new_mask_BRR: bool masks ([B or 1, R, S], [B or 1, R, R]).
-
-  Returns:
-    [B, R, H, K] attention outputs.
-  """
-  s = k_BSHK.shape[1]
-  scale = jnp.sqrt(jnp.asarray(q_BRHK.shape[-1], q_BRHK.dtype))
-  scores_BHRX = jnp.concatenate([jnp.einsum("brhk,bshk->bhrs", q_BRHK, k_BSHK),
-                                 jnp.einsum("brhk,bshk->bhrs", q_BRHK, k_BRHK)], -1) / scale
-  lead, r = max(cache_mask_BRS.shape[0], new_mask_BRR.shape[0]), q_BRHK.shape[1]
-  mask_BRX = jnp.concatenate([jnp.broadcast_to(cache_mask_BRS, (lead, r, s)),
-                              jnp.broadcast_to(new_mask_BRR, (lead, r, r))], -1)
-  scores_BHRX = jnp.where(mask_BRX[:, None], scores_BHRX, jnp.finfo(scores_BHRX.dtype).min)
-  p_BHRX = jax.nn.softmax(scores_BHRX, axis=-1)
-  return (jnp.einsum("bhrs,bshk->brhk", p_BHRX[..., :s], v_BSHK)
-          + jnp.einsum("bhrs,bshk->brhk", p_BHRX[..., s:], v_BRHK))
-
-
-def causal_attention(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array,
-                     mask_BTS: Array | None = None, chunks: int = 1) -> Array:
-  """Softmax attention of T queries over S keys; causal (query i sees keys <= i) by default.
-
-  Args:
-    q_BTHK: queries. k_BSHK, v_BSHK: keys and values.
-    mask_BTS: optional boolean mask replacing the causal one (e.g. a KV cache).
-    chunks: causal attention only: split the queries into this many blocks, each
-      attending only to the keys it can see, which skips most masked scores (about
-      a quarter of the attention work for 2 blocks). Same outputs up to float
-      rounding.
-
-  Returns:
-    [B, T, H, K] attention outputs.
-  """
-  t = q_BTHK.shape[1]
-  if mask_BTS is not None or chunks <= 1 or t < 2 * chunks:
-    mask_BTS = _causal_mask(0, t, k_BSHK.shape[1]) if mask_BTS is None else mask_BTS
-    return _attend(q_BTHK, k_BSHK, v_BSHK, mask_BTS)
-  bounds = [round(i * t / chunks) for i in range(chunks + 1)]
-  return jnp.concatenate([
-      _attend(q_BTHK[:, lo:hi], k_BSHK[:, :hi], v_BSHK[:, :hi], _causal_mask(lo, hi, hi))
-      for lo, hi in zip(bounds[:-1], bounds[1:])], axis=1)
-
-
-def _causal_mask(lo: int, hi: int, s: int) -> Array:
-  """[1, hi - lo, s] mask: query at position lo + i sees keys 0..lo + i."""
-  return (jnp.arange(lo, hi)[:, None] >= jnp.arange(s)[None, :])[None]
-
-
-def _scores(q_BTHK: Array, k_BSHK: Array, mask_BTS: Array) -> Array:
-  """Masked attention logits [B, H, T, S] in float32 (masked entries: the float32 minimum)."""
-  scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK) / jnp.sqrt(
-      jnp.asarray(q_BTHK.shape[-1], q_BTHK.dtype))
-  # The softmax runs in float32 whatever the compute dtype (no-op for float32).
-  scores_BHTS = scores_BHTS.astype(jnp.float32)
-  return jnp.where(mask_BTS[:, None], scores_BHTS, jnp.finfo(jnp.float32).min)
-
-
-@jax.custom_vjp
-def _attend(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, mask_BTS: Array) -> Array:
-  """softmax(q k^T / sqrt(K), masked) v, with a flash-attention-style backward pass.
-
-  The forward pass saves only the output and each row's log-normaliser (lse), not
-  the [B, H, T, S] probabilities; the backward pass recomputes the probabilities
-  as exp(scores - lse), one pass with no max or sum reduction, and uses
-  rowsum(dO * O) instead of rowsum(dP * P) (Dao et al., FlashAttention). Both
-  residuals carry `checkpoint_name`s, so the "attention" remat policy keeps them
-  while the rest of the layer is recomputed. Gradients equal autodiff of the
-  plain softmax to float rounding (tested).
-  """
-  return _attend_fwd(q_BTHK, k_BSHK, v_BSHK, mask_BTS)[0]
-
-
-def _attend_fwd(q_BTHK, k_BSHK, v_BSHK, mask_BTS):
-  scores_BHTS = _scores(q_BTHK, k_BSHK, mask_BTS)
-  max_BHT1 = jnp.max(scores_BHTS, axis=-1, keepdims=True)
-  exp_BHTS = jnp.exp(scores_BHTS - max_BHT1)
-  sum_BHT1 = jnp.sum(exp_BHTS, axis=-1, keepdims=True)
-  out_BTHK = jnp.einsum("bhts,bshk->bthk", (exp_BHTS / sum_BHT1).astype(v_BSHK.dtype), v_BSHK)
-  out_BTHK = checkpoint_name(out_BTHK, ATTENTION_RESIDUALS[0])
-  lse_BHT = checkpoint_name((max_BHT1 + jnp.log(sum_BHT1))[..., 0], ATTENTION_RESIDUALS[1])
-  return out_BTHK, (q_BTHK, k_BSHK, v_BSHK, mask_BTS, out_BTHK, lse_BHT)
-
-
-def _attend_bwd(residuals, dout_BTHK):
-  q_BTHK, k_BSHK, v_BSHK, mask_BTS, out_BTHK, lse_BHT = residuals
-  probs_BHTS = jnp.exp(_scores(q_BTHK, k_BSHK, mask_BTS) - lse_BHT[..., None])
-  dout_BTHK = dout_BTHK.astype(v_BSHK.dtype)
-  dv_BSHK = jnp.einsum("bhts,bthk->bshk", probs_BHTS.astype(v_BSHK.dtype), dout_BTHK)
-  dprobs_BHTS = jnp.einsum("bthk,bshk->bhts", dout_BTHK, v_BSHK).astype(jnp.float32)
-  # rowsum(dP * P) = rowsum(dO * O): [B, T, H, K] instead of [B, H, T, S] work.
-  delta_BHT = jnp.einsum("bthk,bthk->bht", dout_BTHK.astype(jnp.float32),
-                         out_BTHK.astype(jnp.float32))
-  dscores_BHTS = probs_BHTS * (dprobs_BHTS - delta_BHT[..., None]) / jnp.sqrt(
-      jnp.asarray(q_BTHK.shape[-1], jnp.float32))
-  dscores_BHTS = dscores_BHTS.astype(q_BTHK.dtype)
-  dq_BTHK = jnp.einsum("bhts,bshk->bthk", dscores_BHTS, k_BSHK)
-  dk_BSHK = jnp.einsum("bhts,bthk->bshk", dscores_BHTS, q_BTHK)
-  return dq_BTHK, dk_BSHK, dv_BSHK, None
-
-
-_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 # body(layer_index, h_in_BTD, h_out_BTD, carry) -> (h_next_BTD, carry, per_layer_output)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
 import os
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from deepexit_jax import checkpoint, data, exits
+from deepexit_jax.checkpoint import params_digest
 from deepexit_jax.errors import UserError
 from deepexit_jax.losses import token_nll
 from deepexit_jax.model import DeepSupervisionTransformer
@@ -198,9 +198,7 @@ def sweep_thresholds(model: DeepSupervisionTransformer, batches: data.EvalBatche
         model, batches.inputs[b], thr_S, exit_layers=exit_layers, measure=measure,
         kv_policy=kv_policy, probe=probe, targets=batches.targets[b], return_logits=False,
         **routing)
-    t_BT = jnp.broadcast_to(jnp.arange(mask_BT.shape[1], dtype=jnp.float32), mask_BT.shape)
-    flops_SBT = res.flops_fraction * counter.full_depth(t_BT)
-    tot.add(jax.device_get(_masked_sums(res.nll, res.exit_layer, flops_SBT, mask_BT, counter,
+    tot.add(jax.device_get(_masked_sums(res.nll, res.exit_layer, res.flops, mask_BT, counter,
                                         checked)))
   labels = [f"{t:g}" for t in thresholds]
   return tot.rows("threshold", labels, kv_policy, [float(t) for t in thresholds],
@@ -216,8 +214,7 @@ def _oracle_bound_batch(model, inputs_BT, targets_BT, exit_layers):
   nll_BT = jnp.take_along_axis(nll_NBT, (layer_BT - 1)[None], 0)[0]
   counter = exits.FlopCounter.from_config(model.config)
   t_BT = jnp.broadcast_to(jnp.arange(layer_BT.shape[1], dtype=jnp.float32), layer_BT.shape)
-  flops_BT = layer_BT * counter.block(t_BT) + counter.head
-  return layer_BT[None], nll_BT[None], flops_BT[None]
+  return layer_BT[None], nll_BT[None], counter.exit_at(t_BT, layer_BT)[None]
 
 
 def oracle_bound(model: DeepSupervisionTransformer, batches: data.EvalBatches,
@@ -290,14 +287,6 @@ def pareto_front(rows: Sequence[SweepRow], key: str = "flops_fraction") -> list[
       front.append(r)
       best = r.ppl
   return front
-
-
-def params_digest(model: nnx.Module) -> str:
-  """Short SHA-256 of the parameters: identifies the exact checkpoint a sweep used."""
-  h = hashlib.sha256()
-  for leaf in jax.tree.leaves(checkpoint.pure_params(model)):
-    h.update(np.asarray(leaf).tobytes())
-  return h.hexdigest()[:16]
 
 
 @dataclasses.dataclass
@@ -406,118 +395,12 @@ def load_overlay(path: str) -> list[tuple[str, float, float]]:
 
 
 def run() -> None:
-  """The `deepexit-sweep` binary; flags are defined here so importing stays flag-free."""
-  from absl import flags
+  """`deepexit-sweep` under its old entry point. Transitional: console scripts installed before
+  the binaries moved to `deepexit_jax.main.sweep` still call this; delete it (and its
+  `python -m` case in tests/test_cli.py) once environments are reinstalled."""
+  from deepexit_jax.main import sweep as main
 
-  from deepexit_jax import calibration, cli, report
-
-  ckpt_flag = flags.DEFINE_string("checkpoint", None, "Workdir of a deepexit-train run.")
-  thr_flag = flags.DEFINE_string("thresholds", "0:1:0.1",
-                                 "start:stop:step (inclusive) or a comma list.")
-  out_flag = flags.DEFINE_string("out", None, "Output directory (default CHECKPOINT/sweep).")
-  exits_flag = flags.DEFINE_list("exit_layers", None, "1-based exit layers (default: the "
-                                 "run's configured exit_layers).")
-  measure_flag = flags.DEFINE_enum("measure", "softmax", list(exits.MEASURES[:-1]),
-                                   "Confidence measure.")
-  routing_flag = flags.DEFINE_enum("routing", "token", list(exits.ROUTINGS),
-                                   "Per-token exits, or one exit layer per sequence.")
-  quantile_flag = flags.DEFINE_float("seq_quantile", 1.0, "Sequence routing: share of a "
-                                     "sequence's tokens that must be confident.")
-  decay_flag = flags.DEFINE_float("threshold_decay", 0.0, "Position-dependent threshold "
-                                  "relaxation tau (0 = constant threshold).")
-  decay_form_flag = flags.DEFINE_enum("threshold_decay_form", "exponential",
-                                      list(exits.DECAY_FORMS), "Form of the decay: ours "
-                                      "(exponential) or CALM's code (calm).")
-  calibrate_flag = flags.DEFINE_bool(
-      "calibrate", False, "Also calibrate a threshold with Learn-then-Test on part of the "
-      "validation text and report it on the rest (writes calibration.json).")
-  delta_flag = flags.DEFINE_float("delta", None, "--calibrate: tolerated risk in (0, 1).")
-  epsilon_flag = flags.DEFINE_float("epsilon", 0.1, "--calibrate: error level in (0, 1); "
-                                    "P(risk <= delta) >= 1 - epsilon.")
-  consistency_flag = flags.DEFINE_enum(
-      "consistency", "textual", list(calibration.CONSISTENCIES), "--calibrate: textual "
-      "(top-1 differs from full depth) or risk (NLL increase / ln V, clipped to [0, 1]).")
-  fraction_flag = flags.DEFINE_float("calibration_fraction", 0.5, "--calibrate: share of "
-                                     "the validation windows that calibrate.")
-  unit_flag = flags.DEFINE_enum("calibration_unit", "sequence", list(calibration.UNITS),
-                                "--calibrate: calibration examples are windows or tokens.")
-  bound_flag = flags.DEFINE_enum("bound", "hoeffding_bentkus", list(calibration.BOUNDS),
-                                 "--calibrate: p-value bound.")
-  cal_policy_flag = flags.DEFINE_enum("calibration_kv_policy", "copy",
-                                      list(exits.KV_POLICIES), "--calibrate: KV policy.")
-  cal_thr_flag = flags.DEFINE_string("calibration_thresholds", None, "--calibrate: "
-                                     "candidates (default: --thresholds).")
-  seed_flag = flags.DEFINE_integer("calibration_seed", 0, "--calibrate: seed of the splits.")
-  splits_flag = flags.DEFINE_integer("coverage_splits", 100, "--calibrate: random "
-                                     "calibration/test splits for the coverage.")
-  kv_flag = flags.DEFINE_list("kv_policy", ["oracle", "copy"], "KV policies to sweep.")
-  static_flag = flags.DEFINE_list("static", [], "Workdirs of static-depth baselines.")
-  data_flag = flags.DEFINE_string("data_dir", None, "Override the run's data.data_dir.")
-  overlay_flag = flags.DEFINE_string("overlay", None, "JSON of reference points to overlay.")
-  probe_flag = flags.DEFINE_string("probe", None, "Directory of a saturation probe saved by "
-                                   "deepexit-probe (e.g. OUT/probes/best); sets the measure "
-                                   "to 'probe' (its confidence: P(top-1 settled)).")
-
-  def main(argv):
-    del argv
-    if not ckpt_flag.value:
-      raise UserError("--checkpoint is required: the --workdir of a deepexit-train run")
-    for p in kv_flag.value:
-      if p not in exits.KV_POLICIES:
-        raise UserError(f"--kv_policy={p!r}: choose from {', '.join(exits.KV_POLICIES)}")
-    try:
-      exit_layers = [int(x) for x in exits_flag.value] if exits_flag.value else None
-    except ValueError:
-      raise UserError(f"--exit_layers={exits_flag.value} must be integers, e.g. 2 or 1,2,3"
-                      ) from None
-    negative = measure_flag.value == "entropy"
-    thresholds = parse_thresholds(thr_flag.value, negative)
-    cal_thresholds = None
-    if calibrate_flag.value:
-      if delta_flag.value is None:
-        raise UserError("--calibrate needs --delta, the tolerated risk, e.g. --delta=0.05")
-      calibration.check_levels(delta_flag.value, epsilon_flag.value)
-      if not 0.0 < fraction_flag.value < 1.0:
-        raise UserError(f"--calibration_fraction={fraction_flag.value} must be strictly "
-                        "between 0 and 1, e.g. 0.5")
-      if splits_flag.value < 1:
-        raise UserError(f"--coverage_splits={splits_flag.value} must be >= 1, e.g. 100")
-      cal_thresholds = np.round(parse_thresholds(
-          cal_thr_flag.value or thr_flag.value, negative).astype(np.float64), 6)
-    elif delta_flag.value is not None:
-      raise UserError("--delta only applies with --calibrate: add --calibrate")
-    cli.log_devices()
-    overlay = load_overlay(overlay_flag.value) if overlay_flag.value else ()
-    probe, measure = None, measure_flag.value
-    if probe_flag.value:
-      from deepexit_jax import probes
-
-      probe = probes.load_probe(probe_flag.value,
-                                checkpoint.read_model_config(ckpt_flag.value))
-      measure = "probe"
-    routing = dict(routing=routing_flag.value, seq_quantile=quantile_flag.value,
-                   threshold_decay=decay_flag.value,
-                   threshold_decay_form=decay_form_flag.value)
-    result = run_sweep(ckpt_flag.value, thresholds,
-                       exit_layers=exit_layers, measure=measure,
-                       kv_policies=kv_flag.value, static_dirs=static_flag.value,
-                       data_dir=data_flag.value, probe=probe, **routing)
-    if probe_flag.value:
-      result.metadata["probe"] = os.path.abspath(probe_flag.value)
-    calibrated = None
-    if calibrate_flag.value:
-      calibrated = calibration.run_calibration(
-          ckpt_flag.value, cal_thresholds, delta=delta_flag.value, epsilon=epsilon_flag.value,
-          consistency=consistency_flag.value, unit=unit_flag.value, bound=bound_flag.value,
-          fraction=fraction_flag.value, seed=seed_flag.value, splits=splits_flag.value,
-          exit_layers=exit_layers, measure=measure, kv_policy=cal_policy_flag.value,
-          probe=probe, data_dir=data_flag.value, **routing)
-    out = out_flag.value or os.path.join(ckpt_flag.value, "sweep")
-    paths = report.write_report(result, out, overlay, calibrated)
-    print(report.markdown(result, calibrated))
-    print("wrote " + ", ".join(paths.values()))
-
-  cli.run_main(main)
+  main.run()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,4 @@
-"""Training loop and the `deepexit-train` binary for deep-supervision models.
-
-Usage:
-  deepexit-train --config=experiments/configs/reference.py --workdir=/tmp/ref
-  deepexit-train --config=experiments/configs/reference.py --workdir=/tmp/ref --resume
-  deepexit-train --config=experiments/configs/demo.py --config.train.epochs=2 ...
-"""
+"""Training loop for deep-supervision models (`train`); its binary is `deepexit_jax.main.train`."""
 
 from __future__ import annotations
 
@@ -23,13 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from absl import flags, logging
+from absl import logging
 from flax import nnx
-from ml_collections import config_flags
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto import event_pb2, summary_pb2
 
-from deepexit_jax import checkpoint, cli, data, losses, parallel, tokenizers, xla_options
+from deepexit_jax import checkpoint, data, losses, parallel, tokenizers, xla_options
 from deepexit_jax.config import ExperimentConfig, TrainConfig
 from deepexit_jax.errors import UserError
 from deepexit_jax.losses import deep_supervision_loss, resolve_loss_weights, token_nll
@@ -336,7 +329,8 @@ def selection_layer(config: ExperimentConfig) -> int:
   return int(np.nonzero(weights)[0][-1]) + 1
 
 
-def _format_ppl(layer_ppl: Sequence[float]) -> str:
+def format_ppl(layer_ppl: Sequence[float]) -> str:
+  """Per-layer PPLs as one log/print field, e.g. "12.31 / 9.87"."""
   return " ".join(f"L{i + 1} {p:.2f}" for i, p in enumerate(layer_ppl))
 
 
@@ -565,7 +559,7 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
       eta = (end - step) * (now - run_start) / max(step - run_start_step, 1)
       layer_ppl = np.exp(layer_nll_N).tolist()
       logging.info("step %d/%d | loss %.4f | ppl %s | %.0f tok/s | ETA %s", step, total_steps,
-                   loss, _format_ppl(layer_ppl), rate, time.strftime("%H:%M:%S",
+                   loss, format_ppl(layer_ppl), rate, time.strftime("%H:%M:%S",
                                                                      time.gmtime(eta)))
       log.write({"kind": "train", "step": step, "loss": loss, "layer_ppl": layer_ppl,
                  "learning_rate": float(trainer.schedule(step - 1)), "tokens_per_s": rate})
@@ -579,7 +573,7 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
       log.write({"kind": "eval", **record})
       improved = not best or record["layer_ppl"][sel - 1] < best["layer_ppl"][sel - 1]
       logging.info("eval step %d (epoch %.2f) | val ppl %s%s", step, record["epoch"],
-                   _format_ppl(record["layer_ppl"]), " | best" if improved else "")
+                   format_ppl(record["layer_ppl"]), " | best" if improved else "")
       if improved:
         best = record
         checkpoint.save_model(trainer.model(state.params), workdir, step=step, metrics=record)
@@ -601,37 +595,12 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
 
 
 def run() -> None:
-  """Console-script entry point; flags are defined here so importing stays flag-free."""
-  config_flag = config_flags.DEFINE_config_file(
-      "config", None, "Experiment config file (experiments/configs/*.py); fields can be "
-      "overridden, e.g. --config.train.epochs=2.", lock_config=True)
-  workdir_flag = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-  resume_flag = flags.DEFINE_bool("resume", False, "Continue the run in --workdir.")
-  distributed_flag = flags.DEFINE_bool(
-      "distributed", False, "Multi-host: call jax.distributed.initialize() first (one "
-      "process per host; coordinator from the cluster environment).")
+  """`deepexit-train` under its old entry point. Transitional: console scripts installed before
+  the binaries moved to `deepexit_jax.main.train` still call this; delete it (and its
+  `python -m` case in tests/test_cli.py) once environments are reinstalled."""
+  from deepexit_jax.main import train as main
 
-  def main(argv: Sequence[str]) -> None:
-    del argv
-    if config_flag.value is None:
-      raise UserError("--config is required, e.g. --config=experiments/configs/reference.py")
-    if not workdir_flag.value:
-      raise UserError("--workdir is required: the directory for checkpoints and metrics")
-    if distributed_flag.value:
-      parallel.initialize_distributed()
-    cli.log_devices()
-    try:
-      experiment = ExperimentConfig.from_dict(config_flag.value)
-    except OSError as e:  # config_flags reports an unloadable --config file only when used.
-      raise UserError(f"cannot load --config: {' '.join(str(e).split())}") from None
-    result = train(experiment, workdir_flag.value,
-                   resume=resume_flag.value)
-    best = result.best
-    print(f"best validation PPL by layer (step {best['step']}): "
-          f"{_format_ppl(best['layer_ppl'])}")
-    print(f"checkpoint: {os.path.abspath(result.workdir)}")
-
-  cli.run_main(main)
+  main.run()
 
 
 if __name__ == "__main__":

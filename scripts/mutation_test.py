@@ -1,7 +1,7 @@
 """Mutation testing: plant plausible one-line bugs, one at a time, and count the ones tests catch.
 
 A development tool, not part of CI. Each mutant replaces one exact snippet of a core
-module (exits, losses, model, decoding, probes, calibration) in a temporary copy of the
+module (exits, losses, model, attention, decoding, probes, calibration) in a temporary copy of the
 repository and runs the tests that should catch it; a mutant is killed when they fail.
 The list is hand-written: every entry is a bug someone could plausibly write (an
 inverted comparison, a dropped term, the wrong LayerNorm), not a random edit, so a
@@ -160,13 +160,13 @@ MUTANTS = [
     _m("model", "mlp_MD = self.fc2(jax.nn.gelu(self.fc1(",
        "mlp_MD = self.fc2(jax.nn.gelu(approximate=False, x=self.fc1(", REF,
        "exact erf GELU instead of the tanh form"),
-    _m("model", "return (jnp.arange(lo, hi)[:, None] >= jnp.arange(s)[None, :])[None]",
+    _m("attention", "return (jnp.arange(lo, hi)[:, None] >= jnp.arange(s)[None, :])[None]",
        "return (jnp.arange(lo, hi)[:, None] + 1 >= jnp.arange(s)[None, :])[None]",
        REF, "causal mask lets each token see the next one"),
     _m("model", "return self.embed(tokens_BT) + self.pos_embed[...][positions_BT]",
        "return self.embed(tokens_BT) + self.pos_embed[...][positions_BT * 0]", REF,
        "every position gets position 0's embedding"),
-    _m("model", "q_BTHK, k_BSHK) / jnp.sqrt(", "q_BTHK, k_BSHK) / (", REF,
+    _m("attention", "q_BTHK, k_BSHK) / jnp.sqrt(", "q_BTHK, k_BSHK) / (", REF,
        "attention scores divided by K instead of sqrt(K)"),
     _m("model", "x_MD = self.final_norm(h_BTD.reshape(-1, d))", "x_MD = h_BTD.reshape(-1, d)",
        REF, "exit head skips the final LayerNorm"),
@@ -177,7 +177,7 @@ MUTANTS = [
     _m("model", "self_BH1 = jnp.sum(q_BHK * k_BHK, -1, keepdims=True) / scale",
        "self_BH1 = jnp.sum(q_BHK * k_BHK, -1, keepdims=True)", REF,
        "a decode step's own score is not scaled"),
-    _m("model", "+ jnp.einsum(\"bhrs,bshk->brhk\", p_BHRX[..., s:], v_BRHK))",
+    _m("attention", "+ jnp.einsum(\"bhrs,bshk->brhk\", p_BHRX[..., s:], v_BRHK))",
        "+ jnp.einsum(\"bhrs,bshk->brhk\", p_BHRX[..., s:], k_BRHK))", REF,
        "cached attention reads the new rows' keys as values (prefill, catch-up)"),
     # decoding (decoding.py, or the decoding/ package): the incremental decoder, its cost.

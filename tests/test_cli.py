@@ -1,18 +1,30 @@
 """The binaries' --help lists each binary's own flags with their help text."""
 
+import configparser
+import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
+_TRAIN = ["--config", "--workdir", "--[no]resume"]
+_SWEEP = ["--checkpoint", "--thresholds", "--kv_policy", "--[no]calibrate"]
+_PROBE = ["--checkpoint", "--balance"]
+_GENERATE = ["--checkpoint", "--prompt", "--[no]speculative", "--draft_layer", "--probe"]
+
 
 @pytest.mark.parametrize("module, own_flags", [
-    ("deepexit_jax.train", ["--config", "--workdir", "--[no]resume"]),
-    ("deepexit_jax.sweep", ["--checkpoint", "--thresholds", "--kv_policy", "--[no]calibrate"]),
-    ("deepexit_jax.probes", ["--checkpoint", "--balance"]),
-    ("deepexit_jax.decoding", ["--checkpoint", "--prompt", "--[no]speculative",
-                               "--draft_layer", "--probe"]),
+    # The binaries' main modules (setup.cfg's console scripts).
+    ("deepexit_jax.main.train", _TRAIN),
+    ("deepexit_jax.main.sweep", _SWEEP),
+    ("deepexit_jax.main.probe", _PROBE),
+    ("deepexit_jax.main.generate", _GENERATE),
+    # Their old entry points, kept working.
+    ("deepexit_jax.train", _TRAIN),
+    ("deepexit_jax.sweep", _SWEEP),
+    ("deepexit_jax.probes", _PROBE),
+    ("deepexit_jax.decoding", _GENERATE),
 ])
 def test_help_lists_the_binarys_own_flags(module, own_flags):
   out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
@@ -22,3 +34,19 @@ def test_help_lists_the_binarys_own_flags(module, own_flags):
     assert f"  {flag}:" in out.stdout, (flag, out.stdout[:3000])
   # Only the binary's own flags, not absl's or JAX's (those are under --helpfull).
   assert "--jax_" not in out.stdout and "--logtostderr" not in out.stdout
+
+
+def test_console_scripts_point_at_the_main_modules():
+  # Read, not imported: a main module defines its flags on import, and two binaries share
+  # flag names (--checkpoint).
+  cfg = configparser.ConfigParser()
+  cfg.read(os.path.join(os.path.dirname(__file__), os.pardir, "setup.cfg"))
+  scripts = dict(line.split(" = ") for line in
+                 cfg["options.entry_points"]["console_scripts"].strip().splitlines())
+  assert set(scripts) == {"deepexit-train", "deepexit-sweep", "deepexit-probe",
+                          "deepexit-generate"}
+  for name, target in scripts.items():
+    module, attr = target.split(":")
+    assert module.startswith("deepexit_jax.main."), (name, target)
+    with open(importlib.util.find_spec(module).origin) as f:
+      assert f"\ndef {attr}() -> None:" in f.read(), (name, target)

@@ -176,7 +176,7 @@ def test_collection_never_materialises_all_layers_logits():
   big = ModelConfig(vocab_size=32_768, num_layers=8, dim=64, num_heads=4, max_len=128)
   graphdef, state = nnx.split(checkpoint.abstract_model(big))  # shapes only
   tokens = jax.ShapeDtypeStruct((8, 128), jnp.int32)
-  text = str(jax.make_jaxpr(lambda st, x: probes._layer_summaries(
+  text = str(jax.make_jaxpr(lambda st, x: probes.trace_layer_summaries(
       nnx.merge(graphdef, st), x, x, 5))(state, tokens))
   assert "f32[8,128,32768]" in text
   assert "f32[8,8,128,32768]" not in text
@@ -453,7 +453,7 @@ def test_run_probes_writes_reports_probes_and_the_sweep_loads_them(trained, tmp_
   mtime = os.path.getmtime(os.path.join(out, "collection.npz"))
   probes.run_probes(trained, out, tokens=1500, predictors=("softmax",), balance=(False,))
   assert os.path.getmtime(os.path.join(out, "collection.npz")) == mtime
-  res = _cli("deepexit_jax.sweep", f"--checkpoint={trained}", f"--out={tmp_path}/sweep",
+  res = _cli("deepexit_jax.main.sweep", f"--checkpoint={trained}", f"--out={tmp_path}/sweep",
              "--thresholds=0.5,0.9", "--kv_policy=oracle",
              f"--probe={out}/probes/best")
   assert res.returncode == 0, res.stderr[-2000:]
@@ -465,7 +465,7 @@ def test_run_probes_writes_reports_probes_and_the_sweep_loads_them(trained, tmp_
 
 
 def test_binary_reports_bad_input_in_one_line(tmp_path):
-  res = _cli("deepexit_jax.probes", f"--checkpoint={tmp_path}/nothing", f"--out={tmp_path}/o")
+  res = _cli("deepexit_jax.main.probe", f"--checkpoint={tmp_path}/nothing", f"--out={tmp_path}/o")
   assert res.returncode == 2
   lines = res.stderr.strip().splitlines()
   assert lines[-1].startswith("error: ") and "not a deepexit checkpoint" in lines[-1]

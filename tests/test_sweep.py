@@ -178,7 +178,7 @@ def test_static_baseline_with_another_vocabulary_is_refused(runs, swept, tmp_pat
 
 
 def _sweep_binary(*args, cwd):
-  return subprocess.run([sys.executable, "-m", "deepexit_jax.sweep", *args], cwd=cwd,
+  return subprocess.run([sys.executable, "-m", "deepexit_jax.main.sweep", *args], cwd=cwd,
                         capture_output=True, text=True, timeout=300)
 
 

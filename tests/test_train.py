@@ -555,7 +555,7 @@ _ABSL_LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")
 
 
 def _run_binary(*args: str, cwd) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "deepexit_jax.train", *args], cwd=cwd,
+  return subprocess.run([sys.executable, "-m", "deepexit_jax.main.train", *args], cwd=cwd,
                         capture_output=True, text=True, timeout=300)
 
 

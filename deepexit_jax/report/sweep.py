@@ -1,4 +1,4 @@
-"""Writes sweep results as Markdown, CSV, JSON and a PPL-versus-compute plot."""
+"""The threshold sweep's reports: Markdown, CSV, JSON and PNG writers (`report.write_report`)."""
 
 from __future__ import annotations
 
