@@ -98,12 +98,20 @@ def test_rollback_next_cycles_logits_equal_a_fresh_full_depth_run(model):
   np.testing.assert_allclose(np.asarray(res.logits), fresh[:, 3:], atol=2e-4, rtol=1e-4)
 
 
-def test_trained_model_greedy_and_acceptance(tiny_config, tmp_path_factory):
-  from deepexit_jax import load_model, train_model
+@pytest.fixture(scope="module")
+def trained_workdir(tiny_config, tmp_path_factory):
+  """One short training run, shared by the trained-model and binary tests."""
+  from deepexit_jax import train_model
 
   workdir = str(tmp_path_factory.mktemp("spec") / "run")
   train_model(tiny_config(max_steps=30, eval_every=0), workdir)
-  trained = load_model(workdir)
+  return workdir
+
+
+def test_trained_model_greedy_and_acceptance(trained_workdir):
+  from deepexit_jax import load_model
+
+  trained = load_model(trained_workdir)
   prompt = _prompt(b=2, p=6, seed=1, vocab=trained.config.vocab_size)
   res = decoding.speculative_generate(trained, prompt, 20, draft_layer=1, draft_len=3)
   np.testing.assert_array_equal(np.asarray(res.tokens), _greedy(trained, prompt, 20))
@@ -266,11 +274,8 @@ def test_bad_arguments_are_one_line_errors(model, args, words):
     decoding.speculative_generate(model, _prompt(), args.pop("max_new_tokens"), **args)
 
 
-def test_binary_speculative_prints_acceptance_and_speedup(tiny_config, tmp_path_factory):
-  from deepexit_jax import train_model
-
-  workdir = str(tmp_path_factory.mktemp("specbin") / "run")
-  train_model(tiny_config(max_steps=10, eval_every=0), workdir)
+def test_binary_speculative_prints_acceptance_and_speedup(trained_workdir):
+  workdir = trained_workdir
   out = subprocess.run(
       [sys.executable, "-m", "deepexit_jax.decoding", f"--checkpoint={workdir}",
        "--prompt=The ", "--max_new_tokens=12", "--speculative", "--draft_layer=1",

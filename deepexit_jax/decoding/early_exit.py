@@ -37,6 +37,14 @@ every step, which at batch 1 costs as much as the layer's matmuls. Steps run in 
 
 The full-depth baseline is the same code with no exit layer (`exit_layers=(N,)`): one
 segment, no `lax.cond`, the same cache, prefill, loop and sampling.
+
+Prompts of different lengths P_b (right-padded): step m runs position P_b - 1 + m in row
+b (a token's cache slot is its position); every position read or written (token,
+embedding, cache rows, the `recompute` queue and its masks) is then per row ([B] instead
+of []). The prompt is prefilled to the longest one; a row's slots from P_b - 1 on hold
+padding until its own steps rewrite them, and nothing reads them before. The decoder's
+state is typed: `_Carry` (the step loop), `_Climb` (one token through the segments),
+`_Queue` (`recompute`'s pending positions).
 """
 
 from __future__ import annotations
@@ -60,8 +68,7 @@ Array = jax.Array
 
 KV_POLICIES = ("copy", "recompute")
 BATCH_EXITS = ("sync", "row")
-# The learned probes are not supported: their per-token cost and state would need a
-# decoding-time interface of their own.
+# "probe": a learned probe (`probe=`), evaluated on the exit layer's (h_in, h_out).
 MEASURES = ("softmax", "margin", "entropy", "state", "probe")
 # The emulation's name for the same semantics as each decoding policy.
 EMULATED_POLICY = {"copy": "copy", "recompute": "oracle"}
