@@ -138,6 +138,57 @@ def test_never_exiting_greedy_equals_full_depth_greedy():
     assert (np.asarray(never.checks) == len(EXITS)).all()
 
 
+# Ragged prompts: row b's prompt is _tokens()[b, :RAGGED[b]]. With threshold 0.6 and
+# batch_exit="row", EOS_RAGGED ends rows 1 and 2 early (greedy) while row 0 never meets it
+# and fills the cache to max_len (checked below, so a changed model cannot make it vacuous).
+RAGGED, EOS_RAGGED = (6, 2, 4), 9
+
+
+@pytest.mark.parametrize("kv_policy", decoding.KV_POLICIES)
+def test_prompts_of_different_lengths_equal_one_row_runs(kv_policy):
+  """Each row of a ragged batch decodes at its own positions, exactly as it would alone:
+  the same tokens and exit layers (greedy), the same samples with a key per row, the same
+  FLOP counts; an EOS row and a row that reaches max_len in the same batch."""
+  model, tokens = _model(), _tokens()
+  prompts = [tokens[i, :n] for i, n in enumerate(RAGGED)]
+  m = CONFIG.max_len - max(RAGGED) + 1
+  kwargs = dict(exit_layers=EXITS, kv_policy=kv_policy, batch_exit="row", max_pending=2,
+                eos_id=EOS_RAGGED)
+  res = decoding.generate(model, prompts, m, 0.6, **kwargs)
+  out, new = np.asarray(res.tokens), np.asarray(res.new_tokens)
+  assert out.shape == (3, max(RAGGED) + m) and new.shape == (3, m)
+  alone_cost = np.zeros(3)
+  for row, n in enumerate(RAGGED):
+    alone = decoding.generate(model, prompts[row], m, 0.6, **kwargs)
+    np.testing.assert_array_equal(new[row], np.asarray(alone.new_tokens)[0])
+    np.testing.assert_array_equal(np.asarray(res.exit_layer)[row],
+                                  np.asarray(alone.exit_layer)[0])
+    np.testing.assert_array_equal(out[row, :n], prompts[row])
+    assert (out[row, n + m:] == EOS_RAGGED).all()  # Right padding.
+    c = decoding.decode_cost(CONFIG, alone, kv_policy=kv_policy)
+    alone_cost += (c.full_depth, c.ideal, c.executed)
+  cost = decoding.decode_cost(CONFIG, res, kv_policy=kv_policy)
+  np.testing.assert_allclose((cost.full_depth, cost.ideal), alone_cost[:2])
+  assert cost.executed >= alone_cost[2]  # Rows wait for the deepest one.
+  ended = (new == EOS_RAGGED).any(1)
+  assert ended[1:].all() and not ended[0]  # Row 0 runs to position max_len - 1.
+  assert len(set(np.asarray(res.exit_layer).ravel().tolist())) > 2  # Mixed exits.
+  if kv_policy == "recompute":
+    return  # The sampling path does not depend on the policy (4 compilations saved).
+  # Sampling: a padded array with prompt_lengths (the padding is ignored) and one key
+  # per row give each row exactly its own one-row draws.
+  padded = np.where(np.arange(tokens.shape[1]) < np.array(RAGGED)[:, None], tokens, 99)
+  keys = jax.random.split(jax.random.key(5), 3)
+  sampled = decoding.generate(model, padded, m, 0.6, prompt_lengths=RAGGED, rng=keys,
+                              temperature=1.0, **kwargs)
+  for row in range(3):
+    alone = decoding.generate(model, prompts[row], m, 0.6, rng=keys[row:row + 1],
+                              temperature=1.0, **kwargs)
+    np.testing.assert_array_equal(np.asarray(sampled.new_tokens)[row],
+                                  np.asarray(alone.new_tokens)[0])
+  assert (np.asarray(sampled.new_tokens) != new).any()  # Not greedy.
+
+
 def test_full_depth_baseline_is_the_same_code_without_conds():
   model, prompt = _model(), _tokens(1, 4)
 
@@ -218,6 +269,10 @@ def test_decode_cost_of_copy_at_batch_one_is_the_emulations():
     (dict(temperature=-1.0), "temperature"),
     (dict(top_k=3), "temperature > 0"),
     (dict(max_pending=0), "max_pending"),
+    (dict(prompt_lengths=[0]), "prompt_lengths"),
+    (dict(prompt=[[1, 2], [3]], prompt_lengths=[2, 1]), "not both"),
+    (dict(prompt=[[1, 2], [3, 99, 4]]), "vocabulary"),
+    (dict(rng=jax.random.split(jax.random.key(0), 2)), "one per prompt row"),
 ])
 def test_bad_inputs(kwargs, match):
   args = dict(prompt=_tokens(1, 3), max_new_tokens=4, threshold=0.5)
@@ -273,10 +328,12 @@ def test_binary_bad_input_is_one_line(checkpoint_dir, args, words):
   assert words in bad.stderr and "Traceback" not in bad.stderr
 
 
-# Every measure and both policies; not all 8 pairs (each pair is a compilation).
+# Every measure and both policies; not all 8 pairs (each pair is a compilation). The
+# check (`>=`) is the same code under both policies, and layer 2's confidences do not
+# depend on the policy, so each measure once, the policies alternating, covers it.
 @pytest.mark.parametrize("measure, kv_policy", [
-    ("softmax", "copy"), ("softmax", "recompute"), ("margin", "copy"),
-    ("entropy", "recompute"), ("state", "copy"), ("state", "recompute")])
+    ("softmax", "copy"), ("margin", "recompute"), ("entropy", "copy"),
+    ("state", "recompute")])
 def test_decoder_threshold_equal_to_a_confidence_exits_there(measure, kv_policy):
   """`>=` in the decoder: a threshold set exactly to a token's computed confidence makes
   it exit there. Layer 2's confidences do not depend on the threshold (exits at 2 only

@@ -98,31 +98,59 @@ def test_rollback_next_cycles_logits_equal_a_fresh_full_depth_run(model):
   np.testing.assert_allclose(np.asarray(res.logits), fresh[:, 3:], atol=2e-4, rtol=1e-4)
 
 
-def test_trained_model_greedy_and_acceptance(tiny_config, tmp_path_factory):
-  from deepexit_jax import load_model, train_model
+@pytest.fixture(scope="module")
+def trained_workdir(tiny_config, tmp_path_factory):
+  """One short training run, shared by the trained-model and binary tests."""
+  from deepexit_jax import train_model
 
   workdir = str(tmp_path_factory.mktemp("spec") / "run")
   train_model(tiny_config(max_steps=30, eval_every=0), workdir)
-  trained = load_model(workdir)
+  return workdir
+
+
+def test_trained_model_greedy_and_acceptance(trained_workdir):
+  from deepexit_jax import load_model
+
+  trained = load_model(trained_workdir)
   prompt = _prompt(b=2, p=6, seed=1, vocab=trained.config.vocab_size)
   res = decoding.speculative_generate(trained, prompt, 20, draft_layer=1, draft_len=3)
   np.testing.assert_array_equal(np.asarray(res.tokens), _greedy(trained, prompt, 20))
   assert res.acceptance_rate > 0.3  # A trained exit drafts what the full model says.
 
 
+def _verified_rows(res):
+  """The verification sizes each cycle should have run: the smallest compiled size that
+  holds the batch's longest draft + 1."""
+  ran = np.asarray(res.draft_iterations) > 0
+  need = np.asarray(res.drafted)[ran].max(1) + 1
+  sizes = np.array(res.verify_sizes)
+  return np.asarray(res.verified)[ran], sizes[np.searchsorted(sizes, need)]
+
+
 def test_adaptive_drafting_stays_exact_and_drafts_less(model):
   prompt = _prompt()
   full = _greedy(model, prompt, 20)
   plain = decoding.speculative_generate(model, prompt, 20, draft_layer=2, draft_len=4)
+  assert (_verified_rows(plain)[0] == 5).all()  # Static drafting: always k + 1 rows.
   for thr in (0.3, 0.6):
     res = decoding.speculative_generate(model, prompt, 20, draft_layer=2, draft_len=4,
                                         draft_threshold=thr)
     np.testing.assert_array_equal(np.asarray(res.tokens), full)
     assert np.asarray(res.drafted).sum() < np.asarray(plain.drafted).sum()
+    # Verification is sized to the draft: exact output from fewer rows, fewer FLOPs.
+    verified, expected = _verified_rows(res)
+    np.testing.assert_array_equal(verified, expected)
+    assert len(set(verified.tolist())) > 1 and verified.min() < 5
+  assert res.verify_sizes == (1, 2, 4, 5)
   never = decoding.speculative_generate(model, prompt, 20, draft_layer=2, draft_len=4,
                                         draft_threshold=np.inf)
   np.testing.assert_array_equal(np.asarray(never.tokens), full)
   assert np.asarray(never.drafted).sum() == 0 and never.tokens_per_cycle == 1.0
+  assert (_verified_rows(never)[0] == 1).all()
+  # One verification row per token: full depth's FLOPs plus the unused draft heads.
+  ncost = decoding.speculative_cost(CONFIG, never)
+  c = exits.FlopCounter.from_config(CONFIG)
+  assert ncost.executed == pytest.approx(ncost.full_depth + 3 * 20 * c.head)
   # A threshold every draft clears drafts exactly as much as no threshold.
   always = decoding.speculative_generate(model, prompt, 20, draft_layer=2, draft_len=4,
                                          draft_threshold=0.0)
@@ -238,6 +266,7 @@ def test_bfloat16_model_is_exact_against_bfloat16_greedy():
     (dict(draft_layer=2, top_k=3), "top_k needs temperature"),
     (dict(draft_layer=2, draft_threshold=float("nan")), "NaN"),
     (dict(draft_layer=2, draft_measure="probe"), "draft_measure"),
+    (dict(draft_layer=2, draft_len=3, verify_sizes=(1, 3)), "verify_sizes"),
 ])
 def test_bad_arguments_are_one_line_errors(model, args, words):
   args = {"max_new_tokens": 4, **args}
@@ -245,11 +274,8 @@ def test_bad_arguments_are_one_line_errors(model, args, words):
     decoding.speculative_generate(model, _prompt(), args.pop("max_new_tokens"), **args)
 
 
-def test_binary_speculative_prints_acceptance_and_speedup(tiny_config, tmp_path_factory):
-  from deepexit_jax import train_model
-
-  workdir = str(tmp_path_factory.mktemp("specbin") / "run")
-  train_model(tiny_config(max_steps=10, eval_every=0), workdir)
+def test_binary_speculative_prints_acceptance_and_speedup(trained_workdir):
+  workdir = trained_workdir
   out = subprocess.run(
       [sys.executable, "-m", "deepexit_jax.decoding", f"--checkpoint={workdir}",
        "--prompt=The ", "--max_new_tokens=12", "--speculative", "--draft_layer=1",
@@ -290,25 +316,38 @@ def test_probe_as_the_draft_measure(model):
     decoding.speculative_generate(model, prompt, 4, draft_layer=2, probe=probe)
 
 
-def test_prompts_of_different_lengths_equal_one_row_runs(model):
+# Greedy: no EOS, the longest row fills the cache to max_len. Sampled (keys below): EOS 6
+# ends rows 1 and 2 early while row 0 runs to max_len (checked, so not vacuous).
+@pytest.mark.parametrize("temperature, eos", [(0.0, None), (1.0, 6)])
+def test_prompts_of_different_lengths_equal_one_row_runs(model, temperature, eos):
   prompt = _prompt(b=3, p=7, seed=9)
   lengths = np.array([7, 3, 5])
-  m = 14
-  res = decoding.speculative_generate(model, prompt, m, draft_layer=2, draft_len=3,
-                                      prompt_lengths=lengths, return_logits=True)
+  m = CONFIG.max_len - 7 + 1
+  keys = jax.random.split(jax.random.key(2), 3)  # One key per row.
+  kwargs = dict(draft_layer=2, draft_len=3, temperature=temperature, eos_id=eos,
+                return_logits=True)
+  res = decoding.speculative_generate(model, prompt, m, prompt_lengths=lengths, rng=keys,
+                                      **kwargs)
   cost = decoding.speculative_cost(CONFIG, res)
   counter = exits.FlopCounter.from_config(CONFIG)
   full_depth = 0.0
   for row, length in enumerate(lengths):
-    alone = decoding.speculative_generate(model, prompt[row:row + 1, :length], m,
-                                          draft_layer=2, draft_len=3, return_logits=True)
+    alone = decoding.speculative_generate(model, [prompt[row, :length]], m,
+                                          rng=keys[row:row + 1], **kwargs)
     np.testing.assert_array_equal(np.asarray(res.new_tokens)[row],
                                   np.asarray(alone.new_tokens)[0])
     np.testing.assert_array_equal(np.asarray(res.tokens)[row, :length], prompt[row, :length])
-    np.testing.assert_allclose(np.asarray(res.logits)[row], np.asarray(alone.logits)[0],
-                               atol=2e-4, rtol=1e-4)
+    committed = int(np.asarray(alone.committed).sum())
+    np.testing.assert_allclose(np.asarray(res.logits)[row, :committed],
+                               np.asarray(alone.logits)[0, :committed], atol=2e-4, rtol=1e-4)
     np.testing.assert_array_equal(res.cycles[row], alone.cycles[0])
     full_depth += counter.full_depth(length - 1 + np.arange(m)).sum()
   assert cost.full_depth == pytest.approx(full_depth)
+  committed_B = np.asarray(res.committed).sum(0)
+  assert committed_B[0] == m  # Row 0 reaches max_len.
+  if eos is not None:
+    assert (committed_B[1:] < m).all()
+  else:
+    assert 0 < res.acceptance_rate < 1
   with pytest.raises(UserError, match="prompt_lengths"):
     decoding.speculative_generate(model, prompt, m, draft_layer=2, prompt_lengths=[7, 0, 5])

@@ -186,3 +186,78 @@ def check_count(value: Any, name: str, lo: int = 1, hint: str = "") -> int:
   if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lo:
     raise UserError(f"{name}={value!r} must be an integer >= {lo}{hint}")
   return int(value)
+
+
+def check_prompts(prompt: Any, prompt_lengths: Any, vocab_size: int, pad: int = 0
+                  ) -> tuple[Array, np.ndarray | None]:
+  """Prompts, possibly of different lengths, as (int32 [B, P] right-padded, lengths [B]).
+
+  `prompt` is an int [B, P] (or [P]) array, or a list of B token sequences of any lengths
+  >= 1 (ragged); `prompt_lengths` (int [B], 1..P) says how much of each row of an array
+  is prompt. Padding is replaced by `pad`. The lengths are None when every row is P long
+  (the decoders then take their equal-length path), and P is the longest prompt.
+  One-line errors for bad input.
+  """
+  if (isinstance(prompt, (list, tuple)) and prompt
+      and all(isinstance(row, (list, tuple, np.ndarray, jax.Array)) for row in prompt)
+      and len({len(row) for row in prompt}) > 1):  # Ragged rows: pad them.
+    if prompt_lengths is not None:
+      raise UserError("give either a list of prompts of different lengths or a padded "
+                      "array with prompt_lengths, not both")
+    rows = [check_tokens(row, f"prompt row {i}") for i, row in enumerate(prompt)]
+    if any(row.shape[0] != 1 for row in rows):
+      raise UserError("a ragged prompt must be a list of 1-D token sequences")
+    prompt_lengths = [row.shape[1] for row in rows]
+    prompt = np.zeros((len(rows), max(prompt_lengths)), np.int32)
+    for i, row in enumerate(rows):
+      prompt[i, :row.shape[1]] = np.asarray(row[0])
+  prompt_BP = check_tokens(prompt, "prompt")
+  b, p = prompt_BP.shape
+  if prompt_lengths is None:
+    check_vocab(prompt_BP, vocab_size, "prompt")
+    return prompt_BP, None
+  lengths_B = np.asarray(prompt_lengths)
+  if (lengths_B.shape != (b,) or not np.issubdtype(lengths_B.dtype, np.integer)
+      or lengths_B.min() < 1 or lengths_B.max() > p):
+    raise UserError(f"prompt_lengths must hold {b} integers in 1..{p} (one per prompt row), "
+                    f"got {prompt_lengths!r}")
+  lengths_B = lengths_B.astype(np.int32)
+  p = int(lengths_B.max())
+  valid_BP = np.arange(p)[None] < lengths_B[:, None]
+  prompt_BP = np.where(valid_BP, np.asarray(prompt_BP)[:, :p], pad).astype(np.int32)
+  check_vocab(prompt_BP, vocab_size, "prompt")
+  return prompt_BP, (None if (lengths_B == p).all() else lengths_B)
+
+
+def check_rng(rng: Any, batch: int) -> Array:
+  """A typed PRNG key [] (one for the batch) or [B] (one per row); default `key(0)`."""
+  if rng is None:
+    return default_rng()
+  if not jnp.issubdtype(getattr(rng, "dtype", None), jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(jnp.asarray(rng, jnp.uint32))  # Raw uint32 key data.
+  if rng.shape not in ((), (batch,)):
+    raise UserError(f"rng must be one PRNG key or one per prompt row ({batch}), got shape "
+                    f"{rng.shape}")
+  return rng
+
+
+def fold_in(key: Array, data: Array) -> Array:
+  """`jax.random.fold_in` for one key or a key per row ([B]; data [] or [B])."""
+  if key.ndim == 0:
+    return jax.random.fold_in(key, data)
+  return jax.vmap(jax.random.fold_in, (0, 0 if jnp.ndim(data) else None))(key, data)
+
+
+def categorical(key: Array, logits_BV: Array) -> Array:
+  """int32 [B] draws; with a key per row, row b's draw depends only on its key and logits
+  (so it equals that row's draw decoded alone)."""
+  if key.ndim == 0:
+    return jax.random.categorical(key, logits_BV).astype(jnp.int32)
+  return jax.vmap(jax.random.categorical)(key, logits_BV).astype(jnp.int32)
+
+
+def uniform(key: Array, shape: tuple[int, ...]) -> Array:
+  """U[0, 1) of `shape` ([B, ...]); with a key per row, row b's from its own key."""
+  if key.ndim == 0:
+    return jax.random.uniform(key, shape)
+  return jax.vmap(lambda k: jax.random.uniform(k, shape[1:]))(key)

@@ -48,27 +48,26 @@ def decode_cost(config: ModelConfig, result: DecodeResult, *, measure: str = "so
   counter = exits.FlopCounter.from_config(config)
   n = config.num_layers
   exit_BM = np.asarray(result.exit_layer, np.float64)
-  b, m = exit_BM.shape
-  t_M = result.start + np.arange(m, dtype=np.float64)
+  t_BM = result.positions.astype(np.float64)  # Each row's own positions.
   layers = np.asarray(result.exit_layers, np.float64)
   checks_BM = (exit_BM[..., None] >= layers).sum(-1) if len(layers) else np.zeros_like(exit_BM)
   emulated = EMULATED_POLICY[kv_policy]
-  ideal = counter.token(t_M, exit_BM, checks_BM, measure=measure, kv_policy=emulated,
+  ideal = counter.token(t_BM, exit_BM, checks_BM, measure=measure, kv_policy=emulated,
                         probe_flops=probe_flops).sum()
   run_M = np.asarray(result.layers_run, np.float64)
   checks_M = np.asarray(result.checks, np.float64)
-  block_M = counter.block(t_M)
-  executed_M = run_M * block_M + np.asarray(result.recomputed_layers) * block_M
+  block_BM = counter.block(t_BM)
+  executed_BM = (run_M + np.asarray(result.recomputed_layers)) * block_BM
   if kv_policy == "copy":
-    executed_M = executed_M + (n - run_M) * counter.kv
+    executed_BM = executed_BM + (n - run_M) * counter.kv
   if measure in exits.LOGIT_MEASURES:
-    executed_M = executed_M + checks_M * counter.head + (run_M == n) * counter.head
+    executed_BM = executed_BM + checks_M * counter.head + (run_M == n) * counter.head
   else:
     per_check = counter.cosine if measure == "state" else probe_flops
-    executed_M = executed_M + counter.head + checks_M * per_check
+    executed_BM = executed_BM + counter.head + checks_M * per_check
   return DecodeCost(
-      full_depth=float(b * counter.full_depth(t_M).sum()), ideal=float(ideal),
-      executed=float(b * executed_M.sum()), mean_exit_layer=float(exit_BM.mean()),
+      full_depth=float(counter.full_depth(t_BM).sum()), ideal=float(ideal),
+      executed=float(executed_BM.sum()), mean_exit_layer=float(exit_BM.mean()),
       mean_layers_run=float(run_M.mean()))
 
 
@@ -82,7 +81,8 @@ class SpeculativeCost:
     executed: what the decoder ran for every row of the batch: each draft iteration's
       layers 1..E (with its head, except the last iteration of a full-length draft, which
       only feeds the verification), and each verification's layers E+1..N and head on
-      all draft_len + 1 rows. Finished rows still ride along in their batch's cycles.
+      the rows it ran (draft_len + 1, or under adaptive drafting the compiled size that
+      held the cycle's longest draft). Finished rows still ride along in their batch's cycles.
     verifications: full-depth passes (the batch's cycles, times rows).
   """
 
@@ -102,6 +102,7 @@ def speculative_cost(config: ModelConfig, result) -> SpeculativeCost:
   n, e, k = config.num_layers, result.draft_layer, result.draft_len
   iters_C = np.asarray(result.draft_iterations, np.int64)
   ran_C = iters_C > 0
+  rows_C = np.asarray(result.verified, np.int64)[ran_C]
   b = np.asarray(result.tokens).shape[0]
   m = np.asarray(result.tokens).shape[1] - result.prompt_len
   prompt_B = np.asarray(result.prompt_lengths, np.float64)
@@ -111,12 +112,12 @@ def speculative_cost(config: ModelConfig, result) -> SpeculativeCost:
   final_B = prompt_B + m
   length_CB = np.where(length_CB > 0, length_CB, final_B[None])
   executed = 0.0
-  for iters, length_B in zip(iters_C[ran_C], length_CB):
+  for iters, rows, length_B in zip(iters_C[ran_C], rows_C, length_CB):
     j_J = np.arange(iters)
     draft_t = length_B[:, None] - 1 + j_J[None]
     executed += e * counter.block(draft_t).sum() + b * min(iters, k) * counter.head
-    verify_t = length_B[:, None] - 1 + np.arange(k + 1)[None]
-    executed += (n - e) * counter.block(verify_t).sum() + b * (k + 1) * counter.head
+    verify_t = length_B[:, None] - 1 + np.arange(rows)[None]
+    executed += (n - e) * counter.block(verify_t).sum() + b * rows * counter.head
   t_BM = prompt_B[:, None] - 1 + np.arange(m, dtype=np.float64)[None]
   return SpeculativeCost(full_depth=float(counter.full_depth(t_BM).sum()),
                          executed=float(executed), verifications=int(ran_C.sum()) * b)

@@ -37,6 +37,14 @@ every step, which at batch 1 costs as much as the layer's matmuls. Steps run in 
 
 The full-depth baseline is the same code with no exit layer (`exit_layers=(N,)`): one
 segment, no `lax.cond`, the same cache, prefill, loop and sampling.
+
+Prompts of different lengths P_b (right-padded): step m runs position P_b - 1 + m in row
+b (a token's cache slot is its position); every position read or written (token,
+embedding, cache rows, the `recompute` queue and its masks) is then per row ([B] instead
+of []). The prompt is prefilled to the longest one; a row's slots from P_b - 1 on hold
+padding until its own steps rewrite them, and nothing reads them before. The decoder's
+state is typed: `_Carry` (the step loop), `_Climb` (one token through the segments),
+`_Queue` (`recompute`'s pending positions).
 """
 
 from __future__ import annotations
@@ -60,8 +68,7 @@ Array = jax.Array
 
 KV_POLICIES = ("copy", "recompute")
 BATCH_EXITS = ("sync", "row")
-# The learned probes are not supported: their per-token cost and state would need a
-# decoding-time interface of their own.
+# "probe": a learned probe (`probe=`), evaluated on the exit layer's (h_in, h_out).
 MEASURES = ("softmax", "margin", "entropy", "state", "probe")
 # The emulation's name for the same semantics as each decoding policy.
 EMULATED_POLICY = {"copy": "copy", "recompute": "oracle"}
@@ -72,10 +79,13 @@ class DecodeResult:
   """What `generate` / `decode_teacher_forced` return; M = decode steps.
 
   Step m processes the token at position `start + m` and its logits choose (or, teacher
-  forced, score) the token at position `start + m + 1`.
+  forced, score) the token at position `start + m + 1`. With prompts of different lengths
+  (`prompt_lengths` P_b), row b's step m processes position P_b - 1 + m instead.
 
   Attributes:
-    tokens: [B, start + M + 1] int32: the prompt (or forced text) and every chosen token.
+    tokens: [B, start + M + 1] int32: the prompt (or forced text) and every chosen token;
+      with `prompt_lengths`, row b's prompt, its M tokens from position P_b, then padding
+      (`eos_id`, or 0).
     exit_layer: [B, M] int32 1-based layer whose logits were used (N = full depth).
     confidence: [B, M] confidence at the exit layer, or at the last exit layer checked
       for full-depth tokens (NaN if no exit layer lies below N).
@@ -87,8 +97,10 @@ class DecodeResult:
     recomputed_layers: [M] int32 (position, layer) pairs of pending positions run in the
       step (`recompute` catch-up; 0 under `copy`).
     checks: [M] int32 exit checks the batch ran.
-    start: position of the first decode step (prompt length - 1 for `generate`, 0
-      teacher forced).
+    prompt_lengths: [B] int32 each row's prompt length when they differ (None: all
+      `start + 1`).
+    start: position of the first decode step (prompt length - 1 for `generate` (the
+      longest prompt's with `prompt_lengths`), 0 teacher forced).
     exit_layers: the exit layers checked (static; below N, ascending).
   """
 
@@ -100,13 +112,26 @@ class DecodeResult:
   layers_run: Array
   recomputed_layers: Array
   checks: Array
+  prompt_lengths: Array | None = None
   start: int = flax.struct.field(pytree_node=False, default=0)
   exit_layers: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
 
   @property
   def new_tokens(self) -> Array:
     """[B, M] the tokens the steps chose (teacher forced: the next forced tokens)."""
-    return self.tokens[:, self.start + 1:]
+    if self.prompt_lengths is None:
+      return self.tokens[:, self.start + 1:]
+    m = self.tokens.shape[1] - self.start - 1
+    at_BM = np.asarray(self.prompt_lengths)[:, None] + np.arange(m)[None]
+    return np.take_along_axis(np.asarray(self.tokens), at_BM, 1)
+
+  @property
+  def positions(self) -> np.ndarray:
+    """[B, M] the position each step ran for each row (its token's cache slot)."""
+    m = self.exit_layer.shape[1]
+    start_B = (np.full((self.exit_layer.shape[0],), self.start) if self.prompt_lengths is None
+               else np.asarray(self.prompt_lengths) - 1)
+    return start_B[:, None] + np.arange(m)[None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,22 +149,47 @@ class _Options:
   return_logits: bool
   eos_id: int = -1  # -1 = none
   static_probe: Any = None  # `exits.split_probe`'s static part (measure "probe")
+  ragged: bool = False  # per-row positions (prompts of different lengths)
 
 # ----------------------------------------------------------------------------------------
 # Masks of the rows one layer call runs, and the keys/values of a copied state.
 
 
-def _masks(pos_R: Array, active_R: Array, s: int) -> tuple[Array, Array]:
-  """Which cache positions [1, R, S] and which new rows [1, R, R] each row attends to.
+def _masks(pos_XR: Array, active_R: Array, s: int) -> tuple[Array, Array]:
+  """Which cache positions [X, R, S] and which new rows [X, R, R] each row attends to.
 
-  A row sees positions <= its own; a cache position that an active row rewrites is
-  stale, so that position's key/value comes from the new row instead.
+  `pos_XR`: the rows' positions, [R] (the same for the batch: X = 1) or [B, R] (per
+  batch row: X = B). A row sees positions <= its own; a cache position that an active
+  row rewrites is stale, so that position's key/value comes from the new row instead.
   """
+  r = active_R.shape[0]
+  pos_XR = jnp.reshape(pos_XR, (-1, r))
   s_S = jnp.arange(s)
-  rewritten_S = jnp.any((pos_R[:, None] == s_S[None]) & active_R[:, None], 0)
-  cache_RS = (s_S[None] <= pos_R[:, None]) & ~rewritten_S[None]
-  new_RR = active_R[None, :] & (pos_R[None, :] <= pos_R[:, None])
-  return cache_RS[None], new_RR[None]
+  rewritten_XS = jnp.any((pos_XR[:, :, None] == s_S) & active_R[None, :, None], 1)
+  cache_XRS = (s_S <= pos_XR[:, :, None]) & ~rewritten_XS[:, None]
+  new_XRR = active_R[None, None, :] & (pos_XR[:, None, :] <= pos_XR[:, :, None])
+  return cache_XRS, new_XRR
+
+
+def _column(buf_BL: Array, t: Array) -> Array:
+  """buf[:, t] for one position t [] or a position per row [B]."""
+  if t.ndim == 0:
+    return jax.lax.dynamic_index_in_dim(buf_BL, t, axis=1, keepdims=False)
+  return buf_BL[jnp.arange(buf_BL.shape[0]), t]
+
+
+def _put_column(buf_BL: Array, value_B: Array, t: Array) -> Array:
+  """buf with buf[:, t] = value, t [] or [B] (positions past the end are dropped)."""
+  if t.ndim == 0:
+    return jax.lax.dynamic_update_index_in_dim(buf_BL, value_B, t, 1)
+  return buf_BL.at[jnp.arange(buf_BL.shape[0]), t].set(value_B, mode="drop")
+
+
+def _put_rows(cache_BSHK: Array, rows_BXHK: Array, at: Array) -> Array:
+  """The cache with rows [B, X, H, K] written at positions [X] or [B, X] (S drops a row)."""
+  if at.ndim == 1:
+    return cache_BSHK.at[:, at].set(rows_BXHK, mode="drop")
+  return cache_BSHK.at[jnp.arange(at.shape[0])[:, None], at].set(rows_BXHK, mode="drop")
 
 
 def _copied_kv(kv_params: tuple[Array, ...], lo: int, h_BD: Array, num_heads: int
@@ -161,6 +211,95 @@ def _copied_kv(kv_params: tuple[Array, ...], lo: int, h_BD: Array, num_heads: in
   return k_LBD.reshape(shape), v_LBD.reshape(shape)
 
 # ----------------------------------------------------------------------------------------
+# The decoder's state: the step loop's carry and one token's climb through the layers.
+
+
+@flax.struct.dataclass
+class _Queue:
+  """`recompute`'s pending positions: Q slots, an empty slot at depth N.
+
+  Attributes:
+    h_BQD: each pending position's state at the depth it reached.
+    step_Q: the decode step that left it pending (its position is the step's).
+    depth_Q: layers it has run (N = empty slot).
+  """
+
+  h_BQD: Array
+  step_Q: Array
+  depth_Q: Array
+
+
+@flax.struct.dataclass
+class _Carry:
+  """The step loop's carry (M = decode steps, L = token-buffer length).
+
+  Attributes:
+    tokens_BL: the prompt (or forced text) and the tokens chosen so far.
+    caches: per layer (keys, values) [B, S, H, K].
+    rows: per layer the previous step's keys/values [B, H, K], written at the start of
+      the next step (module docstring of `decoding`: no write right after a read).
+    exit_BM, conf_BM, confs_BME, layers_run_M, recomputed_M, checks_M: `DecodeResult`'s
+      fields, filled step by step.
+    logits_BMV: every step's logits (None unless `return_logits`).
+    ended_B: the row has generated its end-of-sequence token (None without `eos_id`).
+    queue: `recompute`'s pending positions (None under `copy`).
+    queue_rows: `recompute`: per layer the caught-up pending rows' keys/values
+      [B, Q, H, K] and their positions [Q] ([B, Q] ragged; S = not written), written at the start of
+      the next step (None under `copy`).
+  """
+
+  tokens_BL: Array
+  caches: list
+  rows: list
+  exit_BM: Array
+  conf_BM: Array
+  confs_BME: Array
+  layers_run_M: Array
+  recomputed_M: Array
+  checks_M: Array
+  logits_BMV: Array | None = None
+  ended_B: Array | None = None
+  queue: _Queue | None = None
+  queue_rows: list | None = None
+
+
+@flax.struct.dataclass
+class _Climb:
+  """One step's token as it climbs the layers (and exit checks) of its segments.
+
+  Attributes:
+    h_BD: the token's state at the current depth (frozen for a done row under `copy`).
+    h_in_BD, h_out_BD: the last layer's input and output (measures "state", "probe").
+    done_B: the row has exited. stop: the whole batch stops here.
+    logits_BV: the logits of each row's exit (full depth's for rows that reach N).
+    exit_B, conf_B, confs_BE: exit layer, confidence there, confidence at each check.
+    checks, layers_run, recomputed: exit checks run, layers run for the token, and
+      (position, layer) pairs of pending positions caught up.
+    kv: the new keys/values [B, H, K] of the layers not yet handed up, from the lowest
+      one of the current segment (`_chain` passes only the rows of the layers above a
+      check through its cond).
+    queue: `recompute`'s pending positions (None under `copy`).
+    queue_kv: `recompute`: per layer (keys, values [B, Q, H, K], rows run [Q]) of the
+      pending positions caught up in this step, indexed like `kv` (None under `copy`).
+  """
+
+  h_BD: Array
+  h_in_BD: Array
+  h_out_BD: Array
+  done_B: Array
+  stop: Array
+  logits_BV: Array
+  exit_B: Array
+  conf_B: Array
+  confs_BE: Array
+  checks: Array
+  layers_run: Array
+  recomputed: Array
+  kv: list
+  queue: _Queue | None = None
+  queue_kv: list | None = None
+
+# ----------------------------------------------------------------------------------------
 # The jitted decoder.
 
 
@@ -171,10 +310,15 @@ def _segments(exit_layers: tuple[int, ...], n: int) -> list[tuple[int, int]]:
 
 
 def decode(model: DeepSupervisionTransformer, tokens_BF: Array, threshold: Array,
-           temperature: Array, rng: Array, dynamic_probe: Any, *, opts: _Options
-           ) -> DecodeResult:
+           temperature: Array, rng: Array, dynamic_probe: Any, start_B: Array | None, *,
+           opts: _Options) -> DecodeResult:
   """The traced early-exit decoder (`generate` and `decode_teacher_forced` jit it through
-  `compiled.call`): prefill, then `opts.num_steps` decode steps in one `fori_loop`."""
+  `compiled.call`): prefill, then `opts.num_steps` decode steps in one `fori_loop`.
+
+  Step m runs position `opts.prefill + m` for every row, or (`start_B` given: prompts of
+  different lengths, right-padded) `start_B[b] + m` for row b: a token's cache slot is
+  its position. `rng` is one key for the batch or one key per row ([B]).
+  """
   probe = exits.merge_probe(opts.static_probe, dynamic_probe)
   cfg = model.config
   n, s, e, q, d = cfg.num_layers, cfg.max_len, len(opts.exit_layers), opts.max_pending, cfg.dim
@@ -189,7 +333,8 @@ def decode(model: DeepSupervisionTransformer, tokens_BF: Array, threshold: Array
                model.blocks.ln1.epsilon)
 
   length = opts.prefill + opts.num_steps + 1
-  tokens_BL = jnp.zeros((b, length), jnp.int32).at[:, :opts.num_forced].set(
+  # Ragged rows end before the buffer does: their tail is padding (EOS or 0).
+  tokens_BL = jnp.full((b, length), max(opts.eos_id, 0), jnp.int32).at[:, :opts.num_forced].set(
       tokens_BF[:, :opts.num_forced])
   zeros_BSHK = jnp.zeros((b, s, nh, hk), jnp.float32)
   caches = [(zeros_BSHK, zeros_BSHK) for _ in range(n)]
@@ -205,206 +350,227 @@ def decode(model: DeepSupervisionTransformer, tokens_BF: Array, threshold: Array
       h_BPD, k_BPHK, v_BPHK = blocks[i].extend(h_BPD, caches[i], *masks)
       caches[i] = (zeros_BSHK.at[:, :opts.prefill].set(k_BPHK),
                    zeros_BSHK.at[:, :opts.prefill].set(v_BPHK))
-      # The first step rewrites position prefill - 1 with these same rows.
-      rows[i] = (k_BPHK[:, -1], v_BPHK[:, -1])
+      # The first step rewrites position (start - 1) with these same rows.
+      if start_B is None:
+        rows[i] = (k_BPHK[:, -1], v_BPHK[:, -1])
+      else:
+        at_B = jnp.maximum(start_B - 1, 0)
+        rows[i] = (k_BPHK[jnp.arange(b), at_B], v_BPHK[jnp.arange(b), at_B])
 
   def head(h_BD: Array) -> Array:
     return model.head(h_BD).astype(jnp.float32)
 
-  def step(m: Array, carry: dict) -> dict:
-    t = opts.prefill + m
-    # The previous step's rows, written before anything reads the caches (in place);
-    # at the first step of a teacher-forced decode this writes zeros at position 0,
-    # which nothing reads (a row's own key/value is taken from the row).
+  def write_rows(carry: _Carry, t: Array) -> list:
+    """The caches with the previous step's rows (and caught-up pending rows) written,
+    before anything reads them (in place). At the first step of a teacher-forced decode
+    this writes zeros at position 0, which nothing reads (a row's own key/value is taken
+    from the row)."""
     caches = []
     for i in range(n):
-      k_BSHK, v_BSHK = carry["caches"][i]
+      k_BSHK, v_BSHK = carry.caches[i]
       if not copy:  # Caught-up pending rows; index S (out of range) drops a write.
-        qk_BQHK, qv_BQHK, idx_Q = carry["q_rows"][i]
-        k_BSHK = k_BSHK.at[:, idx_Q].set(qk_BQHK, mode="drop")
-        v_BSHK = v_BSHK.at[:, idx_Q].set(qv_BQHK, mode="drop")
-      k_BHK, v_BHK = carry["rows"][i]
-      at = (0, jnp.maximum(t - 1, 0), 0, 0)
-      caches.append((jax.lax.dynamic_update_slice(k_BSHK, k_BHK[:, None], at),
-                     jax.lax.dynamic_update_slice(v_BSHK, v_BHK[:, None], at)))
+        qk_BQHK, qv_BQHK, idx = carry.queue_rows[i]
+        k_BSHK, v_BSHK = _put_rows(k_BSHK, qk_BQHK, idx), _put_rows(v_BSHK, qv_BQHK, idx)
+      k_BHK, v_BHK = carry.rows[i]
+      prev = jnp.maximum(t - 1, 0)
+      if t.ndim == 0:
+        at = (0, prev, 0, 0)
+        caches.append((jax.lax.dynamic_update_slice(k_BSHK, k_BHK[:, None], at),
+                       jax.lax.dynamic_update_slice(v_BSHK, v_BHK[:, None], at)))
+      else:
+        caches.append((_put_rows(k_BSHK, k_BHK[:, None], prev[:, None]),
+                       _put_rows(v_BSHK, v_BHK[:, None], prev[:, None])))
+    return caches
 
-    def run_layers(st: dict, lo: int, hi: int) -> dict:
-      """Layers lo..hi-1 for the step's token, plus the pending positions that lack them.
+  def queue_pos(step_Q: Array) -> Array:
+    """Positions of queued steps: [Q], or [B, Q] ragged."""
+    return opts.prefill + step_Q if start_B is None else start_B[:, None] + step_Q
 
-      `st["kv"]` holds the new keys/values of layers lo..N-1 (index i - lo).
-      """
-      frozen_B1 = st["done"][:, None] if copy else None
+  def step(m: Array, carry: _Carry) -> _Carry:
+    t = opts.prefill + m if start_B is None else start_B + m  # [] or [B]
+    caches = write_rows(carry, t)
 
-      def plain(st):
-        st = dict(st, kv=list(st["kv"]))
+    def run_layers(st: _Climb, lo: int, hi: int) -> _Climb:
+      """Layers lo..hi-1 for the step's token, plus the pending positions that lack them."""
+      frozen_B1 = st.done_B[:, None] if copy else None
+
+      def plain(st: _Climb) -> _Climb:
+        kv = list(st.kv)
         for i in range(lo, hi):
-          h_in = st["h"]
+          h_in = st.h_BD
           h_out, k_BHK, v_BHK = blocks[i].extend_one(h_in, caches[i], t)
-          st["kv"][i - lo] = (k_BHK, v_BHK)
-          st["h_in"], st["h_out"] = h_in, h_out
-          st["h"] = h_out if frozen_B1 is None else jnp.where(frozen_B1, h_in, h_out)
-        return st
+          kv[i - lo] = (k_BHK, v_BHK)
+          st = st.replace(h_in_BD=h_in, h_out_BD=h_out, h_BD=(
+              h_out if frozen_B1 is None else jnp.where(frozen_B1, h_in, h_out)))
+        return st.replace(kv=kv)
 
-      def catch_up(st):
-        st = dict(st, kv=list(st["kv"]), q_kv=list(st["q_kv"]))
-        pos_R = jnp.concatenate([t[None], st["q_pos"]])
+      def catch_up(st: _Climb) -> _Climb:
+        kv, queue_kv, qu = list(st.kv), list(st.queue_kv), st.queue
+        pos_R = jnp.concatenate([t[..., None], queue_pos(qu.step_Q)], -1)  # [R] or [B, R]
+        recomputed = st.recomputed
         for i in range(lo, hi):
-          active_Q = st["q_depth"] <= i  # Empty slots hold depth N.
-          h_in = st["h"]
-          h_BRD = jnp.concatenate([h_in[:, None], st["q_h"]], 1)
+          active_Q = qu.depth_Q <= i  # Empty slots hold depth N.
+          h_in = st.h_BD
+          h_BRD = jnp.concatenate([h_in[:, None], qu.h_BQD], 1)
           masks = _masks(pos_R, jnp.concatenate([jnp.ones((1,), bool), active_Q]), s)
           h_BRD, k_BRHK, v_BRHK = blocks[i].extend(h_BRD, caches[i], *masks)
-          st["kv"][i - lo] = (k_BRHK[:, 0], v_BRHK[:, 0])
-          st["q_kv"][i - lo] = (k_BRHK[:, 1:], v_BRHK[:, 1:], active_Q)
-          st["h_in"], st["h_out"] = h_in, h_BRD[:, 0]
-          st["h"] = h_BRD[:, 0]
-          st["q_h"] = jnp.where(active_Q[None, :, None], h_BRD[:, 1:], st["q_h"])
-          st["q_depth"] = jnp.where(active_Q, i + 1, st["q_depth"])
-          st["recomputed"] = st["recomputed"] + jnp.sum(active_Q, dtype=jnp.int32)
-        return st
+          kv[i - lo] = (k_BRHK[:, 0], v_BRHK[:, 0])
+          queue_kv[i - lo] = (k_BRHK[:, 1:], v_BRHK[:, 1:], active_Q)
+          st = st.replace(h_in_BD=h_in, h_out_BD=h_BRD[:, 0], h_BD=h_BRD[:, 0])
+          qu = qu.replace(h_BQD=jnp.where(active_Q[None, :, None], h_BRD[:, 1:], qu.h_BQD),
+                          depth_Q=jnp.where(active_Q, i + 1, qu.depth_Q))
+          recomputed = recomputed + jnp.sum(active_Q, dtype=jnp.int32)
+        return st.replace(kv=kv, queue_kv=queue_kv, queue=qu, recomputed=recomputed)
 
       if copy:
         st = plain(st)
       else:
-        st = jax.lax.cond(jnp.any(st["q_depth"] < hi), catch_up, plain, st)
-      st["layers_run"] = jnp.int32(hi)
-      return st
+        st = jax.lax.cond(jnp.any(st.queue.depth_Q < hi), catch_up, plain, st)
+      return st.replace(layers_run=jnp.int32(hi))
 
-    def check(st: dict, j: int) -> dict:
+    def check(st: _Climb, j: int) -> _Climb:
       """The exit check at exit layer `opts.exit_layers[j]`."""
-      st = dict(st)
       k = opts.exit_layers[j]
       if opts.measure in exits.LOGIT_MEASURES:
-        logits_BV = head(st["h"])
+        logits_BV = head(st.h_BD)
         conf_B = exits.logit_confidence(opts.measure, logits_BV)
       elif opts.measure == "state":
         logits_BV = None
-        conf_B = exits.state_confidence(st["h_in"], st["h_out"])
+        conf_B = exits.state_confidence(st.h_in_BD, st.h_out_BD)
       else:
         logits_BV = None
-        conf_B = exits.probe_confidence(probe, st["h_in"], st["h_out"], jnp.int32(k))
+        conf_B = exits.probe_confidence(probe, st.h_in_BD, st.h_out_BD, jnp.int32(k))
       ok_B = conf_B >= threshold
       if opts.batch_exit == "sync":
         ok_B = jnp.broadcast_to(jnp.all(ok_B), ok_B.shape)
-      new_B = ok_B & ~st["done"]
+      new_B = ok_B & ~st.done_B
       if logits_BV is None:  # state, probe: the head only runs when a row exits here.
         logits_BV = jax.lax.cond(jnp.any(new_B), head,
                                  lambda h: jnp.zeros((b, cfg.vocab_size), jnp.float32),
-                                 st["h"])
-      st["logits"] = jnp.where(new_B[:, None], logits_BV, st["logits"])
-      st["exit"] = jnp.where(new_B, k, st["exit"])
-      st["conf"] = jnp.where(st["done"], st["conf"], conf_B)
-      st["confs"] = st["confs"].at[:, j].set(conf_B)
-      st["done"] = st["done"] | new_B
-      st["checks"] = st["checks"] + 1
-      stop = jnp.all(st["done"])
+                                 st.h_BD)
+      done_B = st.done_B | new_B
+      stop = jnp.all(done_B)
       if not copy:  # Stopping leaves this position pending: it needs a free queue slot.
-        stop = stop & jnp.any(st["q_depth"] == n)
-      st["stop"] = stop
-      return st
+        stop = stop & jnp.any(st.queue.depth_Q == n)
+      return st.replace(
+          logits_BV=jnp.where(new_B[:, None], logits_BV, st.logits_BV),
+          exit_B=jnp.where(new_B, k, st.exit_B),
+          conf_B=jnp.where(st.done_B, st.conf_B, conf_B),
+          confs_BE=st.confs_BE.at[:, j].set(conf_B), done_B=done_B, checks=st.checks + 1,
+          stop=stop)
 
-    def skip_rest(st: dict, lo: int) -> dict:
+    def skip_rest(st: _Climb, lo: int) -> _Climb:
       """Layers lo..N-1 of a stopped batch: under `copy` the keys/values of the copied
       state (one batched projection); under `recompute` nothing (the position's rows of
       these layers are written later by its catch-up, before anyone reads them)."""
       if not copy:
         return st
-      k_LBHK, v_LBHK = _copied_kv(kv_params, lo, st["h"], nh)
-      return dict(st, kv=[(k_LBHK[i], v_LBHK[i]) for i in range(n - lo)])
+      k_LBHK, v_LBHK = _copied_kv(kv_params, lo, st.h_BD, nh)
+      return st.replace(kv=[(k_LBHK[i], v_LBHK[i]) for i in range(n - lo)])
 
-    def chain(st: dict, j: int) -> dict:
+    def chain(st: _Climb, j: int) -> _Climb:
       """Segment j and, unless the batch stops after it, the segments above it."""
       lo, hi = segments[j]
       st = run_layers(st, lo, hi)
       if hi == n:
-        return dict(st, logits=jnp.where(st["done"][:, None], st["logits"], head(st["h"])))
+        return st.replace(logits_BV=jnp.where(st.done_B[:, None], st.logits_BV,
+                                              head(st.h_BD)))
       st = check(st, j)
       # Only the rows of the layers not yet run go through the cond.
-      own = {key: st[key][:hi - lo] for key in ("kv", "q_kv") if key in st}
-      st.update({key: st[key][hi - lo:] for key in own})
-      st = jax.lax.cond(st["stop"], functools.partial(skip_rest, lo=hi),
+      own_kv, own_queue_kv = st.kv[:hi - lo], None
+      st = st.replace(kv=st.kv[hi - lo:])
+      if not copy:
+        own_queue_kv = st.queue_kv[:hi - lo]
+        st = st.replace(queue_kv=st.queue_kv[hi - lo:])
+      st = jax.lax.cond(st.stop, functools.partial(skip_rest, lo=hi),
                         functools.partial(chain, j=j + 1), st)
-      return dict(st, **{key: own[key] + list(st[key]) for key in own})
+      st = st.replace(kv=own_kv + list(st.kv))
+      if not copy:
+        st = st.replace(queue_kv=own_queue_kv + list(st.queue_kv))
+      return st
 
-    tok_B = jax.lax.dynamic_index_in_dim(carry["tokens"], t, axis=1, keepdims=False)
-    h_BD = model.embed_tokens(tok_B[:, None], jnp.reshape(t, (1, 1)))[:, 0]
-    st = {
-        "h": h_BD, "h_in": h_BD, "h_out": h_BD, "done": jnp.zeros((b,), bool),
-        "stop": jnp.bool_(False), "logits": jnp.zeros((b, cfg.vocab_size), jnp.float32),
-        "exit": jnp.full((b,), n, jnp.int32), "conf": jnp.full((b,), jnp.nan, jnp.float32),
-        "confs": jnp.full((b, e), jnp.nan, jnp.float32), "checks": jnp.int32(0),
-        "layers_run": jnp.int32(0), "recomputed": jnp.int32(0),
-        "kv": [(zeros_BHK, zeros_BHK)] * n,
-    }
+    tok_B = _column(carry.tokens_BL, t)
+    h_BD = model.embed_tokens(tok_B[:, None], jnp.reshape(t, (-1, 1)))[:, 0]
+    st = _Climb(
+        h_BD=h_BD, h_in_BD=h_BD, h_out_BD=h_BD, done_B=jnp.zeros((b,), bool),
+        stop=jnp.bool_(False), logits_BV=jnp.zeros((b, cfg.vocab_size), jnp.float32),
+        exit_B=jnp.full((b,), n, jnp.int32), conf_B=jnp.full((b,), jnp.nan, jnp.float32),
+        confs_BE=jnp.full((b, e), jnp.nan, jnp.float32), checks=jnp.int32(0),
+        layers_run=jnp.int32(0), recomputed=jnp.int32(0), kv=[(zeros_BHK, zeros_BHK)] * n)
     if not copy:
       zeros_BQHK = jnp.zeros((b, q, nh, hk), jnp.float32)
-      st.update({key: carry[key] for key in ("q_h", "q_pos", "q_depth")})
-      st["q_kv"] = [(zeros_BQHK, zeros_BQHK, jnp.zeros((q,), bool))] * n
+      st = st.replace(queue=carry.queue,
+                      queue_kv=[(zeros_BQHK, zeros_BQHK, jnp.zeros((q,), bool))] * n)
     st = chain(st, 0)
 
-    if not copy:  # Where the next step writes the caught-up rows (before slots move).
-      st["q_kv"] = [(qk_BQHK, qv_BQHK, jnp.where(wrote_Q, st["q_pos"], s))
-                    for qk_BQHK, qv_BQHK, wrote_Q in st["q_kv"]]
-    if not copy:  # A stopped step leaves its position pending at the depth it reached.
-      slot = jnp.argmax(st["q_depth"] == n)
-      push = st["stop"]
-      st["q_h"] = jnp.where(push, st["q_h"].at[:, slot].set(st["h"]), st["q_h"])
-      st["q_pos"] = jnp.where(push, st["q_pos"].at[slot].set(t), st["q_pos"])
-      st["q_depth"] = jnp.where(push, st["q_depth"].at[slot].set(st["layers_run"]),
-                                st["q_depth"])
+    queue, queue_rows = None, None
+    if not copy:
+      # Where the next step writes the caught-up rows (before slots move).
+      queue_rows = [(qk_BQHK, qv_BQHK, jnp.where(wrote_Q, queue_pos(st.queue.step_Q), s))
+                    for qk_BQHK, qv_BQHK, wrote_Q in st.queue_kv]
+      # A stopped step leaves its position pending at the depth it reached.
+      qu, slot, push = st.queue, jnp.argmax(st.queue.depth_Q == n), st.stop
+      queue = _Queue(
+          h_BQD=jnp.where(push, qu.h_BQD.at[:, slot].set(st.h_BD), qu.h_BQD),
+          step_Q=jnp.where(push, qu.step_Q.at[slot].set(m), qu.step_Q),
+          depth_Q=jnp.where(push, qu.depth_Q.at[slot].set(st.layers_run), qu.depth_Q))
 
     if opts.sample:
-      logits_BV = st["logits"] / temperature
+      logits_BV = st.logits_BV / temperature
       if opts.top_k:
         kth_B1 = jax.lax.top_k(logits_BV, opts.top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
-      next_B = jax.random.categorical(jax.random.fold_in(rng, t), logits_BV).astype(jnp.int32)
+      next_B = compiled.categorical(compiled.fold_in(rng, t), logits_BV)
     else:
-      next_B = jnp.argmax(st["logits"], -1).astype(jnp.int32)
-    forced_B = jax.lax.dynamic_index_in_dim(carry["tokens"], t + 1, axis=1, keepdims=False)
-    next_B = jnp.where(t + 1 < opts.num_forced, forced_B, next_B)
+      next_B = jnp.argmax(st.logits_BV, -1).astype(jnp.int32)
+    forcing = opts.num_forced > opts.prefill + 1  # Teacher forced: the text's next token.
+    if forcing:
+      next_B = jnp.where(t + 1 < opts.num_forced, _column(carry.tokens_BL, t + 1), next_B)
+    ended_B = carry.ended_B
     if opts.eos_id >= 0:  # After its end-of-sequence token a row only pads (with EOS).
-      next_B = jnp.where(carry["ended"], opts.eos_id, next_B)
+      next_B = jnp.where(ended_B, opts.eos_id, next_B)
+      new_eos_B = next_B == opts.eos_id
+      if forcing:  # A forced token does not end a row.
+        new_eos_B = new_eos_B & (t + 1 >= opts.num_forced)
+      ended_B = ended_B | new_eos_B
 
-    out = dict(carry, caches=caches, rows=st["kv"])
-    out["tokens"] = jax.lax.dynamic_update_index_in_dim(carry["tokens"], next_B, t + 1, 1)
-    for key, value in (("exit", st["exit"]), ("conf", st["conf"]), ("confs", st["confs"])):
-      out[key] = jax.lax.dynamic_update_index_in_dim(carry[key], value, m, 1)
-    for key, value in (("layers_run", st["layers_run"]), ("recomputed", st["recomputed"]),
-                       ("checks", st["checks"])):
-      out[key] = carry[key].at[m].set(value)
-    if opts.return_logits:
-      out["logits"] = jax.lax.dynamic_update_index_in_dim(carry["logits"], st["logits"], m, 1)
-    if opts.eos_id >= 0:
-      out["ended"] = carry["ended"] | ((next_B == opts.eos_id) & (t + 1 >= opts.num_forced))
-    if not copy:
-      out.update({key: st[key] for key in ("q_h", "q_pos", "q_depth")})
-      out["q_rows"] = st["q_kv"]
-    return out
+    def put(buf: Array, value: Array) -> Array:  # Step m's column of a [B, M, ...] buffer.
+      return jax.lax.dynamic_update_index_in_dim(buf, value, m, 1)
+
+    return _Carry(
+        tokens_BL=_put_column(carry.tokens_BL, next_B, t + 1),
+        caches=caches, rows=st.kv, exit_BM=put(carry.exit_BM, st.exit_B),
+        conf_BM=put(carry.conf_BM, st.conf_B), confs_BME=put(carry.confs_BME, st.confs_BE),
+        layers_run_M=carry.layers_run_M.at[m].set(st.layers_run),
+        recomputed_M=carry.recomputed_M.at[m].set(st.recomputed),
+        checks_M=carry.checks_M.at[m].set(st.checks),
+        logits_BMV=None if carry.logits_BMV is None else put(carry.logits_BMV, st.logits_BV),
+        ended_B=ended_B, queue=queue, queue_rows=queue_rows)
 
   steps = opts.num_steps
-  carry = {
-      "tokens": tokens_BL, "caches": caches, "rows": rows,
-      "exit": jnp.zeros((b, steps), jnp.int32), "conf": jnp.zeros((b, steps), jnp.float32),
-      "confs": jnp.zeros((b, steps, e), jnp.float32),
-      "layers_run": jnp.zeros((steps,), jnp.int32), "recomputed": jnp.zeros((steps,), jnp.int32),
-      "checks": jnp.zeros((steps,), jnp.int32),
-  }
-  if opts.return_logits:
-    carry["logits"] = jnp.zeros((b, steps, cfg.vocab_size), jnp.float32)
-  if opts.eos_id >= 0:
-    carry["ended"] = jnp.zeros((b,), bool)
+  carry = _Carry(
+      tokens_BL=tokens_BL, caches=caches, rows=rows,
+      exit_BM=jnp.zeros((b, steps), jnp.int32), conf_BM=jnp.zeros((b, steps), jnp.float32),
+      confs_BME=jnp.zeros((b, steps, e), jnp.float32),
+      layers_run_M=jnp.zeros((steps,), jnp.int32), recomputed_M=jnp.zeros((steps,), jnp.int32),
+      checks_M=jnp.zeros((steps,), jnp.int32),
+      logits_BMV=(jnp.zeros((b, steps, cfg.vocab_size), jnp.float32) if opts.return_logits
+                  else None),
+      ended_B=jnp.zeros((b,), bool) if opts.eos_id >= 0 else None)
   if not copy:
     zeros_BQHK = jnp.zeros((b, q, nh, hk), jnp.float32)
-    carry.update(q_h=jnp.zeros((b, q, d), jnp.float32), q_pos=jnp.zeros((q,), jnp.int32),
-                 q_depth=jnp.full((q,), n, jnp.int32),
-                 q_rows=[(zeros_BQHK, zeros_BQHK, jnp.full((q,), s, jnp.int32))] * n)
+    carry = carry.replace(
+        queue=_Queue(h_BQD=jnp.zeros((b, q, d), jnp.float32), step_Q=jnp.zeros((q,), jnp.int32),
+                     depth_Q=jnp.full((q,), n, jnp.int32)),
+        queue_rows=[(zeros_BQHK, zeros_BQHK,
+                     jnp.full((q,) if start_B is None else (b, q), s, jnp.int32))] * n)
   carry = jax.lax.fori_loop(0, steps, step, carry)
   return DecodeResult(
-      tokens=carry["tokens"], exit_layer=carry["exit"], confidence=carry["conf"],
-      checked_confidence=carry["confs"], logits=carry.get("logits"),
-      layers_run=carry["layers_run"], recomputed_layers=carry["recomputed"],
-      checks=carry["checks"], start=opts.prefill, exit_layers=opts.exit_layers)
+      tokens=carry.tokens_BL, exit_layer=carry.exit_BM, confidence=carry.conf_BM,
+      checked_confidence=carry.confs_BME, logits=carry.logits_BMV,
+      layers_run=carry.layers_run_M, recomputed_layers=carry.recomputed_M,
+      checks=carry.checks_M, start=opts.prefill, exit_layers=opts.exit_layers,
+      prompt_lengths=None if start_B is None else start_B + 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -460,6 +626,7 @@ def generate(
     return_logits: bool = False,
     eos_id: int | None = None,
     probe: Any = None,
+    prompt_lengths: Any = None,
 ) -> DecodeResult:
   """Generates tokens with early exit: one jitted call, KV cache, skipped layers.
 
@@ -469,8 +636,10 @@ def generate(
 
   Args:
     model: a `DeepSupervisionTransformer`.
-    prompt: int [B, P] (or [P]) token ids; every row has the same length P >= 1.
-    max_new_tokens: M >= 1 tokens to generate; P + M - 1 <= config.max_len.
+    prompt: int [B, P] (or [P]) token ids, or a list of B token sequences of different
+      lengths (each >= 1; see `prompt_lengths`).
+    max_new_tokens: M >= 1 tokens to generate per row; P + M - 1 <= config.max_len (P:
+      the longest prompt).
     threshold: confidence threshold (as in `predict_with_exit`); `jnp.inf` never exits.
     exit_layers: strictly ascending 1-based layers; `(N,)` is the full-depth baseline
       (no checks, no conds).
@@ -479,22 +648,31 @@ def generate(
     batch_exit: "sync" (the batch exits when every row is confident) or "row".
     temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
     top_k: sample only among the k most likely tokens (0 = all); needs temperature > 0.
-    rng: PRNG key for sampling (default `jax.random.key(0)`).
+    rng: PRNG key for sampling (default `jax.random.key(0)`), or one key per row ([B],
+      e.g. `jax.random.split(key, B)`): row b's tokens then depend only on its own key,
+      so they equal the tokens of row b decoded alone with key `rng[b:b + 1]`.
     max_pending: queue slots of `recompute` (pending exited positions).
     return_logits: also return every step's [B, M, V] logits.
     eos_id: end-of-sequence token id: a row that generates it stops, and its remaining
       positions hold `eos_id` (the batch keeps its static shape; None = no stop).
     probe: the confidence probe of measure "probe" (e.g. `probes.load_probe(dir)`), as
       in `predict_with_exit`; its weights are traced (new weights never recompile).
+    prompt_lengths: int [B]: prompts of different lengths in one batch, right-padded in
+      `prompt` (row b's prompt is prompt[b, :prompt_lengths[b]]; the padding is ignored).
+      Each row decodes at its own positions (a token's cache slot is its position) and
+      generates M tokens from position P_b, as it would alone: with batch_exit="row" (or
+      no exit), the same tokens as the row decoded alone. None = every row is P long.
 
   Returns:
-    A `DecodeResult` with `start = P - 1`; `result.new_tokens` are the M new tokens.
+    A `DecodeResult` with `start = P - 1`; `result.new_tokens` are the M new tokens
+    (row b's from position P_b with `prompt_lengths`).
   """
   layers = _check_options(model, exit_layers, measure, kv_policy, batch_exit, max_pending)
   threshold, static_probe, dynamic_probe, _ = _check_probe_and_threshold(
       model, threshold, exit_layers, measure, kv_policy, probe)
-  prompt_BP = compiled.check_tokens(prompt, "prompt")
-  compiled.check_vocab(prompt_BP, model.config.vocab_size, "prompt")
+  eos = compiled.check_eos(eos_id, model.config.vocab_size)
+  prompt_BP, lengths_B = compiled.check_prompts(prompt, prompt_lengths,
+                                                model.config.vocab_size, pad=max(eos, 0))
   p, max_len = prompt_BP.shape[1], model.config.max_len
   if (not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool)
       or max_new_tokens < 1):
@@ -508,12 +686,13 @@ def generate(
   opts = _Options(exit_layers=layers, measure=measure, kv_policy=kv_policy,
                   batch_exit=batch_exit, max_pending=int(max_pending), prefill=p - 1,
                   num_steps=int(max_new_tokens), num_forced=p, sample=temperature > 0,
-                  top_k=int(top_k), return_logits=bool(return_logits),
-                  eos_id=compiled.check_eos(eos_id, model.config.vocab_size),
-                  static_probe=static_probe)
-  rng = compiled.default_rng() if rng is None else rng
+                  top_k=int(top_k), return_logits=bool(return_logits), eos_id=eos,
+                  static_probe=static_probe, ragged=lengths_B is not None)
+  rng = compiled.check_rng(rng, prompt_BP.shape[0])
+  start_B = None if lengths_B is None else lengths_B - 1
   return compiled.call(decode, model, prompt_BP, threshold,
-                       np.float32(max(temperature, 1e-6)), rng, dynamic_probe, opts=opts)
+                       np.float32(max(temperature, 1e-6)), rng, dynamic_probe, start_B,
+                       opts=opts)
 
 
 def decode_teacher_forced(
@@ -558,4 +737,4 @@ def decode_teacher_forced(
                   num_steps=t, num_forced=t, sample=False, top_k=0,
                   return_logits=bool(return_logits), static_probe=static_probe)
   return compiled.call(decode, model, tokens_BT, threshold, np.float32(1.0),
-                       compiled.default_rng(), dynamic_probe, opts=opts)
+                       compiled.default_rng(), dynamic_probe, None, opts=opts)

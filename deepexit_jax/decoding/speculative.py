@@ -21,7 +21,9 @@ L - 1) has not been run by any layer yet. One cycle (LayerSkip, Elhoushi et al. 
   verify   layers E+1..N run all R positions L - 1 .. L - 1 + draft_len at once from the
            cached layer-E states (`Block.extend`: layers 1..E are not recomputed), write
            their keys/values and apply the head: the full model's logits p at every
-           drafted position and one past it.
+           drafted position and one past it. Under adaptive drafting only the first
+           `size` positions run, the smallest of a few compiled sizes that holds the
+           batch's longest draft + 1 (`verify_sizes`, one `lax.switch`).
   accept   greedy: the longest prefix of drafts equal to argmax p, then argmax p at the
            first mismatch (the correction) or after the last draft (the bonus token).
            Sampling (Leviathan et al. 2023; Chen et al. 2023): draft x_i is accepted with
@@ -43,6 +45,7 @@ The prompt (all but its last token) is prefilled at full depth, as in `generate`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -76,6 +79,8 @@ class SpeculativeResult:
     committed: int32 [C, B] tokens the cycle added to the row (accepted + 1, fewer when
       an end-of-sequence token ended the row).
     draft_iterations: int32 [C] iterations of the draft loop the batch ran (0 = no cycle).
+    verified: int32 [C] positions the cycle's verification ran (its row count: the
+      smallest of `verify_sizes` that holds the batch's longest draft + 1; 0 = no cycle).
     logits: float32 [B, M, V] the full-depth logits (of a verification) that chose each
       new token (None unless requested).
     prompt_lengths: int32 [B] each row's prompt length P_b (row b's new tokens start at
@@ -90,11 +95,13 @@ class SpeculativeResult:
   accepted: Array
   committed: Array
   draft_iterations: Array
+  verified: Array
   logits: Array | None = None
   prompt_lengths: Array | None = None
   prompt_len: int = flax.struct.field(pytree_node=False, default=0)
   draft_layer: int = flax.struct.field(pytree_node=False, default=0)
   draft_len: int = flax.struct.field(pytree_node=False, default=0)
+  verify_sizes: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
 
   @property
   def new_tokens(self) -> Array:
@@ -135,6 +142,7 @@ class _Options:
   sample: bool
   top_k: int  # 0 = no filter
   adaptive: bool  # stop a row's draft when its confidence < the threshold
+  verify_sizes: tuple[int, ...]  # verification row counts compiled (ascending, last = k + 1)
   measure: str
   return_logits: bool
   eos_id: int  # -1 = none
@@ -166,6 +174,39 @@ class _Draft:
   logq_BRV: Array
   caches: list
   rows: tuple
+
+
+@flax.struct.dataclass
+class _Cycles:
+  """The cycle loop's carry (C = M slots, one per possible cycle).
+
+  Attributes:
+    c: the cycle (0-based).
+    length_B: each row's committed length L.
+    tokens_BW: the prompts, then the committed tokens (padded past each row's end).
+    caches: per layer (keys, values) [B, S, H, K].
+    draft_rows: keys/values of layers 1..E of the last draft iteration, not yet written,
+      and their positions [B] (`_write`).
+    verify_rows: keys/values [B, R, H, K] of layers E+1..N of the last verification, not
+      yet written, and their positions [B, R].
+    cycle_length_CB, drafted_CB, accepted_CB, committed_CB, draft_iterations_C,
+      verified_C: `SpeculativeResult`'s fields, filled cycle by cycle.
+    logits_BMV: the full-depth logits that chose each new token (None unless requested).
+  """
+
+  c: Array
+  length_B: Array
+  tokens_BW: Array
+  caches: list
+  draft_rows: tuple
+  verify_rows: tuple
+  cycle_length_CB: Array
+  drafted_CB: Array
+  accepted_CB: Array
+  committed_CB: Array
+  draft_iterations_C: Array
+  verified_C: Array
+  logits_BMV: Array | None = None
 
 
 def _log_probs(logits_XV: Array, temperature: Array, top_k: int) -> Array:
@@ -247,7 +288,7 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array,
                              lambda h: jnp.zeros((b, v), jnp.float32), h_BD)
     if opts.sample:
       logq_BV = _log_probs(logits_BV, temperature, opts.top_k)
-      next_B = jax.random.categorical(jax.random.fold_in(key, j), logq_BV).astype(jnp.int32)
+      next_B = compiled.categorical(compiled.fold_in(key, j), logq_BV)
     else:
       next_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)
     # Never more drafts than the row still needs beyond the token every cycle commits.
@@ -266,11 +307,29 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array,
         h_BRD=jax.lax.dynamic_update_index_in_dim(st.h_BRD, h_BD, j, 1),
         logq_BRV=logq_BRV, caches=caches, rows=(kv, pos_B))
 
-  def cycle(carry: dict) -> dict:
-    c, length_B, tokens_BW = carry["c"], carry["length"], carry["tokens"]
+  def verify(h_BRD: Array, caches: list, *, length_B: Array, size: int
+             ) -> tuple[Array, list]:
+    """Layers E+1..N and the head on positions L - 1 .. L - 2 + size (static size <= R),
+    padded back to R rows: (logits [B, R, V], per layer (keys, values) [B, R, H, K])."""
+    r_X = jnp.arange(size)
+    cache_mask_BXS = (jnp.arange(s)[None, None] < (length_B - 1)[:, None, None])
+    causal_1XX = (r_X[:, None] >= r_X[None, :])[None]
+    h_BXD, kv = h_BRD[:, :size], []
+
+    def pad(x_BX: Array) -> Array:
+      return jnp.pad(x_BX, [(0, 0), (0, r - size)] + [(0, 0)] * (x_BX.ndim - 2))
+
+    for i in range(e, n):
+      h_BXD, k_BXHK, v_BXHK = blocks[i].extend(h_BXD, caches[i - e], cache_mask_BXS,
+                                               causal_1XX)
+      kv.append((pad(k_BXHK.astype(jnp.float32)), pad(v_BXHK.astype(jnp.float32))))
+    return pad(model.head(h_BXD)), kv
+
+  def cycle(carry: _Cycles) -> _Cycles:
+    c, length_B, tokens_BW = carry.c, carry.length_B, carry.tokens_BW
     active_B = length_B < total_B
-    key = jax.random.fold_in(rng, c)
-    caches = carry["caches"]
+    key = compiled.fold_in(rng, c)  # One key, or one per row.
+    caches = carry.caches
 
     # Draft.
     newest_B = tokens_BW[b_B, length_B - 1]
@@ -279,20 +338,23 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array,
         tokens_BR=jnp.zeros((b, r), jnp.int32).at[:, 0].set(newest_B),
         h_BRD=jnp.zeros((b, r, d), jnp.float32),
         logq_BRV=jnp.zeros((b, r, v if opts.sample else 0), jnp.float32),
-        caches=list(caches[:e]), rows=carry["draft_rows"])
+        caches=list(caches[:e]), rows=carry.draft_rows)
     st = jax.lax.while_loop(lambda st: jnp.any(st.more_B) & (st.j <= kd),
                             lambda st: draft_step(st, length_B, key), st)
-    caches = list(st.caches) + _write(caches[e:], carry["verify_rows"])
+    caches = list(st.caches) + _write(caches[e:], carry.verify_rows)
 
-    # Verify: layers E+1..N on all R positions from the cached layer-E states.
+    # Verify: layers E+1..N from the cached layer-E states, on the first `size` of the R
+    # positions, the smallest compiled size that holds every row's draft (rows past a
+    # row's draft are never read: their keys/values land past its new length).
     pos_BR = length_B[:, None] - 1 + r_R[None]
-    cache_mask_BRS = (jnp.arange(s)[None, None] < (length_B - 1)[:, None, None])
-    causal_1RR = (r_R[:, None] >= r_R[None, :])[None]
-    h_BRD, kv = st.h_BRD, []
-    for i in range(e, n):
-      h_BRD, k_BRHK, v_BRHK = blocks[i].extend(h_BRD, caches[i], cache_mask_BRS, causal_1RR)
-      kv.append((k_BRHK.astype(jnp.float32), v_BRHK.astype(jnp.float32)))
-    logits_BRV = model.head(h_BRD)
+    need = jnp.max(jnp.where(active_B, st.num_B, 0)) + 1
+    which = jnp.sum(jnp.asarray(opts.verify_sizes[:-1]) < need, dtype=jnp.int32)
+    branches = [functools.partial(verify, length_B=length_B, size=size)
+                for size in opts.verify_sizes]
+    if len(branches) == 1:
+      logits_BRV, kv = branches[0](st.h_BRD, caches[e:])
+    else:
+      logits_BRV, kv = jax.lax.switch(which, branches, st.h_BRD, caches[e:])
 
     # Accept.
     drafts_BK = st.tokens_BR[:, 1:]
@@ -301,7 +363,7 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array,
       logp_BRV = _log_probs(logits_BRV, temperature, opts.top_k)
       logp_BK = jnp.take_along_axis(logp_BRV[:, :kd], drafts_BK[..., None], -1)[..., 0]
       logq_BK = jnp.take_along_axis(st.logq_BRV[:, :kd], drafts_BK[..., None], -1)[..., 0]
-      u_BK = jax.random.uniform(jax.random.fold_in(key, kd + 1), (b, kd))
+      u_BK = compiled.uniform(compiled.fold_in(key, kd + 1), (b, kd))
       ok_BK = u_BK < jnp.exp(jnp.minimum(logp_BK - logq_BK, 0.0))
     else:
       ok_BK = drafts_BK == jnp.argmax(logits_BRV[:, :kd], -1)
@@ -314,7 +376,7 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array,
       resid_BV = jnp.maximum(jnp.exp(logp_BV) - jnp.exp(logq_BV), 0.0)
       use_p_B1 = ((acc_B >= st.num_B) | (jnp.sum(resid_BV, -1) <= 0))[:, None]
       final_logits_BV = jnp.where(use_p_B1, logp_BV, jnp.log(resid_BV))
-      final_B = jax.random.categorical(jax.random.fold_in(key, kd + 2), final_logits_BV)
+      final_B = compiled.categorical(compiled.fold_in(key, kd + 2), final_logits_BV)
     else:
       final_B = jnp.argmax(jnp.take_along_axis(logits_BRV, at_B1, 1)[:, 0], -1)
 
@@ -331,46 +393,71 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array,
                                                      width)].set(new_BR, mode="drop")
     if opts.return_logits:  # New token i of a row sits at index i = position - P.
       at_BR = jnp.where(write_BR, (length_B - prompt_len_B)[:, None] + r_R[None], m)
-      out_logits = carry["logits"].at[b_B[:, None], at_BR].set(logits_BRV, mode="drop")
-    out = dict(carry, c=c + 1, tokens=tokens_BW, caches=caches, draft_rows=st.rows,
-               verify_rows=(kv, pos_BR),
-               length=jnp.where(ended_B, total_B,
-                                jnp.where(active_B, length_B + acc_B + 1, length_B)))
-    for name, value in (("cycle_length", jnp.where(active_B, length_B, 0)),
-                        ("drafted", jnp.where(active_B, st.num_B, 0)),
-                        ("accepted", jnp.where(active_B, acc_B, 0)),
-                        ("committed", jnp.sum(write_BR, 1, dtype=jnp.int32))):
-      out[name] = carry[name].at[c].set(value)
-    out["draft_iterations"] = carry["draft_iterations"].at[c].set(st.j)
-    if opts.return_logits:
-      out["logits"] = out_logits
-    return out
+      logits_BMV = carry.logits_BMV.at[b_B[:, None], at_BR].set(logits_BRV, mode="drop")
+    else:
+      logits_BMV = None
+
+    def put(buf: Array, value: Array) -> Array:  # Cycle c's row of a [C, ...] buffer.
+      return buf.at[c].set(value)
+
+    return _Cycles(
+        c=c + 1, tokens_BW=tokens_BW, caches=caches, draft_rows=st.rows,
+        verify_rows=(kv, pos_BR),
+        length_B=jnp.where(ended_B, total_B, jnp.where(active_B, length_B + acc_B + 1, length_B)),
+        cycle_length_CB=put(carry.cycle_length_CB, jnp.where(active_B, length_B, 0)),
+        drafted_CB=put(carry.drafted_CB, jnp.where(active_B, st.num_B, 0)),
+        accepted_CB=put(carry.accepted_CB, jnp.where(active_B, acc_B, 0)),
+        committed_CB=put(carry.committed_CB, jnp.sum(write_BR, 1, dtype=jnp.int32)),
+        draft_iterations_C=put(carry.draft_iterations_C, st.j),
+        verified_C=put(carry.verified_C, jnp.asarray(opts.verify_sizes)[which]),
+        logits_BMV=logits_BMV)
 
   zeros_BHK = jnp.zeros((b, nh, hk), jnp.float32)
   zeros_BRHK = jnp.zeros((b, r, nh, hk), jnp.float32)
   nowhere_B = jnp.full((b,), s, jnp.int32)  # Pending rows at position S are dropped.
-  carry = {
-      "draft_rows": ([(zeros_BHK, zeros_BHK)] * e, nowhere_B),
-      "verify_rows": ([(zeros_BRHK, zeros_BRHK)] * (n - e),
-                      jnp.broadcast_to(nowhere_B[:, None], (b, r))),
-      "c": jnp.int32(0), "length": prompt_len_B,
-      "tokens": jnp.full((b, width), max(opts.eos_id, 0), jnp.int32).at[:, :p].set(
+  carry = _Cycles(
+      c=jnp.int32(0), length_B=prompt_len_B,
+      tokens_BW=jnp.full((b, width), max(opts.eos_id, 0), jnp.int32).at[:, :p].set(
           jnp.where(jnp.arange(p)[None] < prompt_len_B[:, None], prompt_BP,
                     max(opts.eos_id, 0))),
-      "caches": caches,
-      "cycle_length": jnp.zeros((m, b), jnp.int32), "drafted": jnp.zeros((m, b), jnp.int32),
-      "accepted": jnp.zeros((m, b), jnp.int32), "committed": jnp.zeros((m, b), jnp.int32),
-      "draft_iterations": jnp.zeros((m,), jnp.int32),
-  }
-  if opts.return_logits:
-    carry["logits"] = jnp.zeros((b, m, v), jnp.float32)
-  carry = jax.lax.while_loop(lambda c: jnp.any(c["length"] < total_B), cycle, carry)
+      caches=caches,
+      draft_rows=([(zeros_BHK, zeros_BHK)] * e, nowhere_B),
+      verify_rows=([(zeros_BRHK, zeros_BRHK)] * (n - e),
+                   jnp.broadcast_to(nowhere_B[:, None], (b, r))),
+      cycle_length_CB=jnp.zeros((m, b), jnp.int32), drafted_CB=jnp.zeros((m, b), jnp.int32),
+      accepted_CB=jnp.zeros((m, b), jnp.int32), committed_CB=jnp.zeros((m, b), jnp.int32),
+      draft_iterations_C=jnp.zeros((m,), jnp.int32), verified_C=jnp.zeros((m,), jnp.int32),
+      logits_BMV=jnp.zeros((b, m, v), jnp.float32) if opts.return_logits else None)
+  carry = jax.lax.while_loop(lambda c: jnp.any(c.length_B < total_B), cycle, carry)
   return SpeculativeResult(
-      tokens=carry["tokens"][:, :p + m], cycle_length=carry["cycle_length"],
-      drafted=carry["drafted"], accepted=carry["accepted"], committed=carry["committed"],
-      draft_iterations=carry["draft_iterations"], logits=carry.get("logits"),
-      prompt_lengths=prompt_len_B, prompt_len=p, draft_layer=e,
-      draft_len=kd)
+      tokens=carry.tokens_BW[:, :p + m], cycle_length=carry.cycle_length_CB,
+      drafted=carry.drafted_CB, accepted=carry.accepted_CB, committed=carry.committed_CB,
+      draft_iterations=carry.draft_iterations_C, verified=carry.verified_C,
+      logits=carry.logits_BMV, prompt_lengths=prompt_len_B, prompt_len=p, draft_layer=e,
+      draft_len=kd, verify_sizes=opts.verify_sizes)
+
+
+def verify_sizes(draft_len: int) -> tuple[int, ...]:
+  """The verification row counts adaptive drafting compiles: powers of two below
+  draft_len + 1, then draft_len + 1 (k = 6: 1, 2, 4, 7). One `lax.switch` picks the
+  smallest that holds the batch's longest draft, so a short draft pays a short
+  verification; each size is one more copy of layers E+1..N in the program."""
+  sizes = [1 << i for i in range(draft_len.bit_length() + 1) if (1 << i) < draft_len + 1]
+  return tuple(sizes) + (draft_len + 1,)
+
+
+def _check_verify_sizes(sizes: Any, k: int, adaptive: bool) -> tuple[int, ...]:
+  if sizes is None:
+    return verify_sizes(k) if adaptive else (k + 1,)
+  try:
+    sizes = tuple(int(x) for x in sizes)
+  except (TypeError, ValueError):
+    sizes = ()
+  if (not sizes or sizes[-1] != k + 1 or sizes[0] < 1
+      or any(a >= b for a, b in zip(sizes, sizes[1:]))):
+    raise UserError(f"verify_sizes={sizes!r} must be ascending integers >= 1 ending at "
+                    f"draft_len + 1 = {k + 1}")
+  return sizes
 
 
 def speculative_generate(
@@ -389,6 +476,7 @@ def speculative_generate(
     eos_id: int | None = None,
     probe: Any = None,
     prompt_lengths: Any = None,
+    verify_sizes: Any = None,
 ) -> SpeculativeResult:
   """Generates tokens by self-speculation: exactly the full model's greedy tokens (or, when
   sampling, exactly its distribution), several tokens per full-depth pass.
@@ -400,13 +488,17 @@ def speculative_generate(
   Args:
     model: a `DeepSupervisionTransformer` trained with a loss at `draft_layer` (any model
       works; acceptance is what training at that layer buys).
-    prompt: int [B, P] (or [P]) token ids; every row has the same length P >= 1.
-    max_new_tokens: M >= 1 new tokens per row; P + M - 1 <= config.max_len.
+    prompt: int [B, P] (or [P]) token ids, or a list of B token sequences of different
+      lengths (each >= 1; see `prompt_lengths`).
+    max_new_tokens: M >= 1 new tokens per row; P + M - 1 <= config.max_len (P: the
+      longest prompt).
     draft_layer: E, 1 <= E < N: the layer whose exit drafts.
     draft_len: k >= 1: most tokens drafted per cycle.
     temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
     top_k: sample among the k most likely tokens (0 = all); needs temperature > 0.
-    rng: PRNG key for sampling (default `jax.random.key(0)`).
+    rng: PRNG key for sampling (default `jax.random.key(0)`), or one key per row ([B]):
+      row b's tokens then depend only on its own key, so they equal row b's decoded alone
+      with key `rng[b:b + 1]`.
     draft_threshold: adaptive drafting: a row stops drafting when the draft's confidence
       (`draft_measure`) falls below this (None = always draft `draft_len`).
     draft_measure: "softmax", "margin", "entropy", "state" or "probe" (as in
@@ -416,7 +508,14 @@ def speculative_generate(
       `eos_id` (it stops counting cycles; the batch keeps its shape). None = no stop.
     probe: the confidence probe of draft_measure "probe" (e.g. `probes.load_probe(dir)`).
     prompt_lengths: int [B]: prompts of different lengths in one batch, right-padded in
-      `prompt` (row b's prompt is prompt[b, :prompt_lengths[b]]); None = all P.
+      `prompt` (row b's prompt is prompt[b, :prompt_lengths[b]]; the padding is ignored).
+      Each row decodes at its own positions and generates M tokens from position P_b,
+      exactly as it would alone. None = every row is P long.
+    verify_sizes: the verification row counts compiled (ascending, the last draft_len +
+      1); each cycle runs the smallest that holds the batch's longest draft + 1. None =
+      `verify_sizes(draft_len)` under adaptive drafting, else (draft_len + 1,) (a static
+      draft is always full length). `(draft_len + 1,)` with a threshold is the static
+      verification (for A/B timing).
 
   Returns:
     A `SpeculativeResult`; `speculative_cost(model.config, result)` gives its FLOPs.
@@ -434,21 +533,13 @@ def speculative_generate(
     raise UserError(f"draft_layer={e} must be below the model's {n} layers (1..{n - 1}): the "
                     "layers above it verify")
   k = compiled.check_count(draft_len, "draft_len", hint=" (tokens drafted per cycle)")
-  prompt_BP = compiled.check_tokens(prompt, "prompt")
-  compiled.check_vocab(prompt_BP, cfg.vocab_size, "prompt")
+  eos = compiled.check_eos(eos_id, cfg.vocab_size)
+  prompt_BP, lengths_B = compiled.check_prompts(prompt, prompt_lengths, cfg.vocab_size,
+                                                pad=max(eos, 0))
   b, p = prompt_BP.shape
   m = compiled.check_count(max_new_tokens, "max_new_tokens")
-  if prompt_lengths is None:
+  if lengths_B is None:  # Positions are per row anyway: equal lengths are no special case.
     lengths_B = np.full((b,), p, np.int32)
-  else:
-    lengths_B = np.asarray(prompt_lengths)
-    if (lengths_B.shape != (b,) or not np.issubdtype(lengths_B.dtype, np.integer)
-        or lengths_B.min() < 1 or lengths_B.max() > p):
-      raise UserError(f"prompt_lengths must hold {b} integers in 1..{p} (one per prompt row), "
-                      f"got {prompt_lengths!r}")
-    lengths_B = lengths_B.astype(np.int32)
-    p = int(lengths_B.max())
-    prompt_BP = prompt_BP[:, :p]
   if p + m - 1 > cfg.max_len:
     raise UserError(
         f"prompt length {p} + max_new_tokens {m} - 1 exceeds model.max_len={cfg.max_len} (the "
@@ -471,9 +562,10 @@ def speculative_generate(
   else:
     threshold = np.float32(-np.inf)
   opts = _Options(draft_layer=e, draft_len=k, prompt_len=p, num_new=m, sample=temperature > 0,
-                  top_k=int(top_k), adaptive=adaptive, measure=draft_measure,
+                  top_k=int(top_k), adaptive=adaptive,
+                  verify_sizes=_check_verify_sizes(verify_sizes, k, adaptive), measure=draft_measure,
                   return_logits=bool(return_logits),
-                  eos_id=compiled.check_eos(eos_id, cfg.vocab_size), static_probe=static_probe)
-  rng = compiled.default_rng() if rng is None else rng
+                  eos_id=eos, static_probe=static_probe)
+  rng = compiled.check_rng(rng, b)
   return compiled.call(speculative_decode, model, prompt_BP, lengths_B, threshold,
                        np.float32(max(temperature, 1e-6)), rng, dynamic_probe, opts=opts)

@@ -51,17 +51,18 @@ def breakdown(model, prompt_BP, m: int, e: int, k: int, rounds: int) -> dict:
   A call costs T = T0 + C c_verify + I c_draft (T0: prefill and per-call cost; C cycles,
   I draft iterations; c_verify includes the cycle's acceptance and bookkeeping). Three
   calls determine the unknowns: the setting itself, the same with drafting off
-  (draft_threshold = inf: M cycles of one iteration) at M and at 1 new token. The
-  full-depth decoder's step is (T(M) - T(1)) / (M - 1).
+  (draft_threshold = inf: M cycles of one iteration; its verification kept at k + 1
+  rows, `verify_sizes=(k + 1,)`) at M and at 1 new token. The full-depth decoder's
+  step is (T(M) - T(1)) / (M - 1).
   """
   n = model.config.num_layers
   spec = decoding.speculative_generate
   runs = {
       "spec": lambda: spec(model, prompt_BP, m, draft_layer=e, draft_len=k),
       "nodraft": lambda: spec(model, prompt_BP, m, draft_layer=e, draft_len=k,
-                              draft_threshold=np.inf),
+                              draft_threshold=np.inf, verify_sizes=(k + 1,)),
       "nodraft_1": lambda: spec(model, prompt_BP, 1, draft_layer=e, draft_len=k,
-                                draft_threshold=np.inf),
+                                draft_threshold=np.inf, verify_sizes=(k + 1,)),
       "full": lambda: decoding.generate(model, prompt_BP, m, np.inf, exit_layers=(n,)),
       "full_1": lambda: decoding.generate(model, prompt_BP, 1, np.inf, exit_layers=(n,)),
   }
@@ -97,6 +98,10 @@ def main(argv):
   for e, k in settings:
     runs[(e, k)] = (lambda e=e, k=k: decoding.speculative_generate(
         model, prompt_BP, m, draft_layer=e, draft_len=k, draft_threshold=_THR.value))
+    if _THR.value is not None:  # A/B: the same drafts, verification always k + 1 rows.
+      runs[(e, k, "static")] = (lambda e=e, k=k: decoding.speculative_generate(
+          model, prompt_BP, m, draft_layer=e, draft_len=k, draft_threshold=_THR.value,
+          verify_sizes=(k + 1,)))
   results, times = interleaved(runs, _ROUNDS.value)
   base_s = statistics.median(times["full"])
   full_tokens = np.asarray(results["full"].tokens)
@@ -112,6 +117,14 @@ def main(argv):
            "identical": bool(np.array_equal(np.asarray(res.tokens), full_tokens)),
            "flops_ratio": cost.flops_ratio, "seconds": sec, "baseline_seconds": base_s,
            "min_seconds": min(times[(e, k)]), "baseline_min_seconds": min(times["full"])}
+    if _THR.value is not None:  # Sized vs static verification of the same drafts.
+      static_s = statistics.median(times[(e, k, "static")])
+      row["static_verify_speedup"] = base_s / static_s
+      row["mean_verified_rows"] = float(np.asarray(res.verified)[
+          np.asarray(res.draft_iterations) > 0].mean())
+      print(f"E={e} k={k} threshold {_THR.value}: verification sized to the draft "
+            f"(mean {row['mean_verified_rows']:.2f} of {k + 1} rows) {row['speedup']:.2f}x vs "
+            f"always {k + 1} rows {row['static_verify_speedup']:.2f}x")
     rows.append(row)
     print(f"E={e} k={k}: {row['speedup']:.2f}x ({row['tokens_per_s']:,.0f} vs "
           f"{row['baseline_tokens_per_s']:,.0f} tokens/s), acceptance "
