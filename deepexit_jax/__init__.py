@@ -27,12 +27,10 @@ from deepexit_jax.model import (
 )
 from deepexit_jax.tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer
 
-# The upper floors (training, sweeps, calibration, probes, decoding) load on first use:
-# `import deepexit_jax` stays light, and `python -m deepexit_jax.train` (an old entry
-# point, kept until environments are reinstalled) does not find itself already imported
-# by this package. `deepexit_jax.train` is the training module (a submodule import
-# rebinds the name), so the training function is exported as `train_model` (README,
-# tests and experiments use it).
+# The upper floors (training, sweeps, calibration, probes, decoding) load on first use, so
+# `import deepexit_jax` stays light (no TFDS, orbax managers or matplotlib until needed).
+# `deepexit_jax.train` is the training module (a submodule import rebinds the name), so the
+# training function is exported as `train_model` (README, tests and experiments use it).
 _ALIASES = {"train_model": ("deepexit_jax.train", "train")}
 _LAZY = {"run_sweep": "deepexit_jax.sweep",
          "Calibration": "deepexit_jax.calibration",

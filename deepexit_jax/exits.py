@@ -778,13 +778,6 @@ def check_probe_and_threshold(threshold: Any, measure: str, probe: Any,
   return threshold, static_probe, dynamic_probe, probe_flops
 
 
-# The old private names, still used by `deepexit_jax.decoding` on this branch; remove them
-# once it calls the public ones.
-_check_exit_layers = check_exit_layers
-_check_choice = check_choice
-_check_threshold = check_threshold
-
-
 def _is_hashable(x: Any) -> bool:
   try:
     hash(x)

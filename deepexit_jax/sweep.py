@@ -392,16 +392,3 @@ def load_overlay(path: str) -> list[tuple[str, float, float]]:
                     '{"label", "compute", "ppl"} points')
   return [(str(p["label"]), float(p["compute"]), float(p["ppl"]))
           for p in checkpoint.read_json(path)]
-
-
-def run() -> None:
-  """`deepexit-sweep` under its old entry point. Transitional: console scripts installed before
-  the binaries moved to `deepexit_jax.main.sweep` still call this; delete it (and its
-  `python -m` case in tests/test_cli.py) once environments are reinstalled."""
-  from deepexit_jax.main import sweep as main
-
-  main.run()
-
-
-if __name__ == "__main__":
-  run()

@@ -592,16 +592,3 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
   ckpt = checkpoint.load_checkpoint(workdir)
   return TrainResult(model=ckpt.model, tokenizer=dataset.tokenizer, history=history, best=best,
                      workdir=workdir, steps=step)
-
-
-def run() -> None:
-  """`deepexit-train` under its old entry point. Transitional: console scripts installed before
-  the binaries moved to `deepexit_jax.main.train` still call this; delete it (and its
-  `python -m` case in tests/test_cli.py) once environments are reinstalled."""
-  from deepexit_jax.main import train as main
-
-  main.run()
-
-
-if __name__ == "__main__":
-  run()

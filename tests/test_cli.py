@@ -20,11 +20,6 @@ _GENERATE = ["--checkpoint", "--prompt", "--[no]speculative", "--draft_layer", "
     ("deepexit_jax.main.sweep", _SWEEP),
     ("deepexit_jax.main.probe", _PROBE),
     ("deepexit_jax.main.generate", _GENERATE),
-    # Their old entry points, kept working.
-    ("deepexit_jax.train", _TRAIN),
-    ("deepexit_jax.sweep", _SWEEP),
-    ("deepexit_jax.probes", _PROBE),
-    ("deepexit_jax.decoding", _GENERATE),
 ])
 def test_help_lists_the_binarys_own_flags(module, own_flags):
   out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,

@@ -300,7 +300,7 @@ def checkpoint_dir(tmp_path_factory):
 
 
 def _binary(*args):
-  return subprocess.run([sys.executable, "-m", "deepexit_jax.decoding", *args],
+  return subprocess.run([sys.executable, "-m", "deepexit_jax.main.generate", *args],
                         capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
 

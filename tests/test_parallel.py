@@ -98,7 +98,7 @@ def test_two_processes_train_like_one(config_dict, tmp_path):
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **process_env}
     flags = ["--distributed"] if process_env else []
     return subprocess.Popen(
-        [sys.executable, "-m", "deepexit_jax.train", f"--config={cfg_file}",
+        [sys.executable, "-m", "deepexit_jax.main.train", f"--config={cfg_file}",
          f"--workdir={workdir}", *flags], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
 

@@ -277,7 +277,7 @@ def test_bad_arguments_are_one_line_errors(model, args, words):
 def test_binary_speculative_prints_acceptance_and_speedup(trained_workdir):
   workdir = trained_workdir
   out = subprocess.run(
-      [sys.executable, "-m", "deepexit_jax.decoding", f"--checkpoint={workdir}",
+      [sys.executable, "-m", "deepexit_jax.main.generate", f"--checkpoint={workdir}",
        "--prompt=The ", "--max_new_tokens=12", "--speculative", "--draft_layer=1",
        "--draft_len=3"], capture_output=True, text=True, timeout=300,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -287,7 +287,7 @@ def test_binary_speculative_prints_acceptance_and_speedup(trained_workdir):
                 "identical to full depth: True"):
     assert words in out.stdout, out.stdout
   bad = subprocess.run(
-      [sys.executable, "-m", "deepexit_jax.decoding", f"--checkpoint={workdir}",
+      [sys.executable, "-m", "deepexit_jax.main.generate", f"--checkpoint={workdir}",
        "--prompt=The ", "--speculative", "--draft_layer=2"], capture_output=True, text=True,
       timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert bad.returncode == 2 and "Traceback" not in bad.stderr

@@ -4,7 +4,8 @@
   early_exit   `generate` / `decode_teacher_forced`: lossy early exit (copy, recompute)
   speculative  `speculative_generate`: the early layers draft, the rest verify (lossless)
   cost         FLOP accounting of both, in the emulation's formulas (`exits.FlopCounter`)
-  cli          `generate_text` and the `deepexit-generate` binary
+  cli          `generate_text`, `speculative_text` (what `deepexit-generate` runs:
+               `deepexit_jax.main.generate`)
 
 Every decoder runs its layers through the model's own cache-aware block step
 (`model.Block.extend` / `extend_one`), so a change to the block reaches all of them.
@@ -15,7 +16,6 @@ from deepexit_jax.decoding.cli import (
     TextGeneration,
     exit_layer_lines,
     generate_text,
-    run,
     speculative_text,
     validation_prompts,
 )
@@ -38,6 +38,6 @@ from deepexit_jax.decoding.speculative import (
 __all__ = [
     "BATCH_EXITS", "EMULATED_POLICY", "KV_POLICIES", "MEASURES", "DecodeCost", "DecodeResult",
     "TextGeneration", "decode_cost", "decode_teacher_forced", "exit_layer_lines", "generate",
-    "generate_text", "run", "DRAFT_MEASURES", "SpeculativeCost", "SpeculativeResult",
+    "generate_text", "DRAFT_MEASURES", "SpeculativeCost", "SpeculativeResult",
     "speculative_cost", "speculative_generate", "SpeculativeText", "speculative_text", "validation_prompts",
 ]

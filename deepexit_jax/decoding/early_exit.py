@@ -582,10 +582,10 @@ def _check_options(model: DeepSupervisionTransformer, exit_layers: Sequence[int]
                    ) -> tuple[int, ...]:
   if not isinstance(model, DeepSupervisionTransformer):
     raise UserError(f"model must be a DeepSupervisionTransformer, got {type(model).__name__}")
-  layers = exits._check_exit_layers(exit_layers, model.config.num_layers)
-  exits._check_choice("measure", measure, MEASURES)
-  exits._check_choice("kv_policy", kv_policy, KV_POLICIES)
-  exits._check_choice("batch_exit", batch_exit, BATCH_EXITS)
+  layers = exits.check_exit_layers(exit_layers, model.config.num_layers)
+  exits.check_choice("measure", measure, MEASURES)
+  exits.check_choice("kv_policy", kv_policy, KV_POLICIES)
+  exits.check_choice("batch_exit", batch_exit, BATCH_EXITS)
   if not isinstance(max_pending, (int, np.integer)) or isinstance(max_pending, bool) or (
       max_pending < 1):
     raise UserError(f"max_pending={max_pending!r} must be an integer >= 1 (pending positions "
@@ -595,18 +595,14 @@ def _check_options(model: DeepSupervisionTransformer, exit_layers: Sequence[int]
 
 def _check_probe_and_threshold(model, threshold, exit_layers, measure, kv_policy, probe
                                ) -> tuple[Array, Any, Any, int]:
-  """(threshold, static probe, traced probe, probe FLOPs), with one-line errors."""
-  if (measure == "probe") != (probe is not None):
-    raise UserError("measure='probe' needs probe=..., and probe=... needs measure='probe': "
-                    "pass both or neither")
-  static_probe, dynamic_probe, probe_flops = exits.split_probe(probe)
-  # A calibrated threshold must have been calibrated under these very settings.
-  threshold = exits._check_threshold(threshold, measure, exits.exit_settings(
+  """`exits.check_probe_and_threshold` under this decode's settings (a calibrated threshold
+  must have been calibrated under them), and a scalar threshold."""
+  checked = exits.check_probe_and_threshold(threshold, measure, probe, exits.exit_settings(
       model.config.num_layers, exit_layers=exit_layers, measure=measure,
       kv_policy=EMULATED_POLICY[kv_policy]))
-  if threshold.ndim:
-    raise UserError(f"threshold must be a scalar for decoding, got shape {threshold.shape}")
-  return threshold, static_probe, dynamic_probe, probe_flops
+  if checked[0].ndim:
+    raise UserError(f"threshold must be a scalar for decoding, got shape {checked[0].shape}")
+  return checked
 
 
 def generate(

@@ -556,7 +556,7 @@ def speculative_generate(
     raise UserError("probe=... is the draft measure: pass draft_measure='probe'")
   static_probe, dynamic_probe, _ = exits.split_probe(probe)
   if adaptive:
-    threshold = exits._check_threshold(draft_threshold, draft_measure)
+    threshold = exits.check_threshold(draft_threshold, draft_measure)
     if threshold.ndim:
       raise UserError(f"draft_threshold must be a scalar, got shape {threshold.shape}")
   else:

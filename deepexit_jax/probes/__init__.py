@@ -74,25 +74,11 @@ from deepexit_jax.probes.study import (
     topk_settling,
 )
 
-# The old name, still used by experiments/bench/memory.py; switch it to
-# `trace_layer_summaries` and drop this.
-_layer_summaries = trace_layer_summaries
-
-
-def run() -> None:
-  """`deepexit-probe` under its old entry point. Transitional: console scripts installed before
-  the binaries moved to `deepexit_jax.main.probe` still call this; delete it (and its
-  `python -m` case in tests/test_cli.py) once environments are reinstalled."""
-  from deepexit_jax.main import probe as main
-
-  main.run()
-
-
 __all__ = [
     "DEFAULT_TOKENS", "LABELS", "LAYER_EMBED_DIM", "LEARNED", "PREDICTORS", "PROBE_JSON",
     "Collection", "FitConfig", "ProbeStudy", "SaturationProbe", "analyses", "auroc",
     "best_f1_threshold", "binary_metrics", "change_labels", "collect", "final_labels",
     "fit_probe", "layer_summaries", "load_probe", "pearson_r", "probe_features",
-    "probe_flops", "probe_scores", "run", "run_probes", "run_study", "saturated_labels",
+    "probe_flops", "probe_scores", "run_probes", "run_study", "saturated_labels",
     "save_probe", "settled_labels", "text_batches", "topk_settling", "trace_layer_summaries",
 ]

@@ -73,7 +73,7 @@ def main(argv):
       "sweep_oracle": engine("oracle", False, thresholds),
       "sweep_copy": engine("copy", False, thresholds),
       "probe_collection": _temp_bytes(
-          lambda s, x: probes._layer_summaries(nnx.merge(graphdef, s), x, x, 5), state, tokens),
+          lambda s, x: probes.trace_layer_summaries(nnx.merge(graphdef, s), x, x, 5), state, tokens),
   }
   experiment = ExperimentConfig(model=config, data=DataConfig(seq_len=_SEQ.value,
                                                               batch_size=_BATCH.value),
