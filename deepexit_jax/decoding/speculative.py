@@ -209,7 +209,7 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array,
   probe = exits.merge_probe(opts.static_probe, dynamic_probe)
   cfg = model.config
   n, e, kd = cfg.num_layers, opts.draft_layer, opts.draft_len
-  s, nh, hk, d, v = cfg.max_len, cfg.num_heads, cfg.head_dim, cfg.dim, cfg.vocab_size
+  s, nh, hk, d, v = cfg.max_len, cfg.kv_heads, cfg.head_dim, cfg.dim, cfg.vocab_size
   b, p = prompt_BP.shape  # p: the longest prompt; row b's is prompt_len_B[b] long.
   m, r = opts.num_new, kd + 1
   total_B = prompt_len_B + m
@@ -227,7 +227,8 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array,
     no_cache_1QS = jnp.zeros((1, p - 1, s), bool)
     causal_1QQ = (pos_Q[:, None] >= pos_Q[None, :])[None]
     for i in range(n):
-      h_BQD, k_BQHK, v_BQHK = blocks[i].extend(h_BQD, caches[i], no_cache_1QS, causal_1QQ)
+      h_BQD, k_BQHK, v_BQHK = blocks[i].extend(h_BQD, caches[i], no_cache_1QS, causal_1QQ,
+                                               pos_Q)
       caches[i] = (zeros_BSHK.at[:, :p - 1].set(k_BQHK), zeros_BSHK.at[:, :p - 1].set(v_BQHK))
 
   def draft_step(st: _Draft, length_B: Array, key: Array) -> _Draft:
@@ -290,7 +291,8 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array,
     causal_1RR = (r_R[:, None] >= r_R[None, :])[None]
     h_BRD, kv = st.h_BRD, []
     for i in range(e, n):
-      h_BRD, k_BRHK, v_BRHK = blocks[i].extend(h_BRD, caches[i], cache_mask_BRS, causal_1RR)
+      h_BRD, k_BRHK, v_BRHK = blocks[i].extend(h_BRD, caches[i], cache_mask_BRS, causal_1RR,
+                                               pos_BR)
       kv.append((k_BRHK.astype(jnp.float32), v_BRHK.astype(jnp.float32)))
     logits_BRV = model.head(h_BRD)
 
