@@ -265,3 +265,11 @@ def test_configs_saved_before_the_options_load_as_the_original_block():
   assert set(params) == {"embed", "pos_embed", "blocks", "final_norm", "unembed"}
   assert set(params["blocks"]) == {"ln1", "qkv", "attn_out", "ln2", "fc1", "fc2"}
   assert params["blocks"]["qkv"]["kernel"].shape == (2, 16, 48)
+
+
+def test_generate_binaries_library_functions_take_a_hf_directory():
+  """deepexit-generate's functions on a Hugging Face directory: its tokenizer.json encodes
+  the prompt, speculation gives exactly the full-depth text."""
+  gen = decoding.generate_text(fixture("gpt2"), "Hello", 6, np.inf, exit_layers=(1,))
+  spec = decoding.speculative_text(fixture("gpt2"), "Hello", 6, draft_layer=1, draft_len=2)
+  assert spec.identical and spec.texts == gen.texts and gen.texts[0]
