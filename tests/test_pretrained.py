@@ -273,3 +273,16 @@ def test_generate_binaries_library_functions_take_a_hf_directory():
   gen = decoding.generate_text(fixture("gpt2"), "Hello", 6, np.inf, exit_layers=(1,))
   spec = decoding.speculative_text(fixture("gpt2"), "Hello", 6, draft_layer=1, draft_len=2)
   assert spec.identical and spec.texts == gen.texts and gen.texts[0]
+
+
+def test_probe_collection_on_an_imported_model(models):
+  """Saturation-probe collection reads every layer through the checkpoint's own head."""
+  from deepexit_jax import data, probes
+
+  tokens, ref_NBTV = reference("llama")
+  batches = data.eval_batches(tokens[0], 11, 1)
+  col = probes.collect(models["llama"], batches, 11, top_k=2)
+  logp_NTV = np.asarray(jax.nn.log_softmax(ref_NBTV[:, 0, :11], -1))
+  np.testing.assert_array_equal(col.topk_NMK[:, :, 0], logp_NTV.argmax(-1))
+  want_NM = -np.take_along_axis(logp_NTV, tokens[0, 1:][None, :, None], -1)[..., 0]
+  np.testing.assert_allclose(col.nll_NM, want_NM, atol=1e-4)
