@@ -1,7 +1,7 @@
 """Importing a Hugging Face checkpoint: load time, memory, and the sweep's tokens/s on it.
 
 Run:
-  python experiments/bench/pretrained.py [--layers=4] [--dim=256] [--vocab=8192] [--tokens=16384]
+  python experiments/bench/pretrained.py [--layers=4] [--dim=256] [--vocab=8192] [--tokens=8192]
 
 A Llama-shaped model (RMSNorm, RoPE with Llama-3 scaling, SwiGLU, 8 query heads and 2
 key/value heads, untied head: the fixture `llama` of tests/fixtures/hf, scaled up to a
@@ -14,7 +14,8 @@ so this process's memory measures only the import. Then:
                 the parameters' own size (float32), in MiB
   sweep         `sweep.sweep_thresholds` over --tokens random tokens (windows of 256,
                 batch 8), 11 softmax thresholds, exit layers 1..N-1, `oracle` and `copy`;
-                tokens/s = evaluated tokens / median seconds of 3 runs after a warm-up
+                tokens/s = evaluated tokens / median seconds of --rounds runs, the two
+                policies interleaved (`experiments/common.interleaved`) after a warm-up
 The last line is JSON.
 """
 
@@ -34,7 +35,8 @@ from absl import app, flags
 _LAYERS = flags.DEFINE_integer("layers", 4, "Transformer blocks.")
 _DIM = flags.DEFINE_integer("dim", 256, "Model width.")
 _VOCAB = flags.DEFINE_integer("vocab", 8192, "Vocabulary size.")
-_TOKENS = flags.DEFINE_integer("tokens", 16_384, "Tokens the sweep evaluates.")
+_TOKENS = flags.DEFINE_integer("tokens", 8192, "Tokens the sweep evaluates.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed sweeps per KV policy (interleaved).")
 _MAKE = flags.DEFINE_string("make_dir", None, "Internal: write the checkpoint here and exit.")
 
 
@@ -60,22 +62,15 @@ def _peak_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _median_seconds(fn, repeats: int = 3) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
-
 def main(argv):
   del argv
   if _MAKE.value:
     _make(_MAKE.value)
     return
   import jax
+
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import common  # experiments/common.py
 
   from deepexit_jax import checkpoint, data, sweep
   from deepexit_jax.model import count_params
@@ -113,10 +108,11 @@ def main(argv):
                   "params_float32": round(params * 4 / 2**20, 1)},
       "sweep_tokens": int(batches.num_targets), "sweep_tokens_per_s": {},
   }
-  for policy in ("oracle", "copy"):
-    seconds = _median_seconds(lambda p=policy: sweep.sweep_thresholds(
-        model, batches, thresholds, exit_layers=layers, kv_policy=p))
-    result["sweep_tokens_per_s"][policy] = round(batches.num_targets / seconds)
+  _, times = common.interleaved({policy: lambda p=policy: sweep.sweep_thresholds(
+      model, batches, thresholds, exit_layers=layers, kv_policy=p)
+      for policy in ("oracle", "copy")}, rounds=_ROUNDS.value)
+  for policy, seconds in times.items():
+    result["sweep_tokens_per_s"][policy] = round(batches.num_targets / np.median(seconds))
   print(json.dumps(result))
 
 
