@@ -917,8 +917,11 @@ def run_study(collection: Collection, *, labels: Sequence[str] = LABELS,
     best = f"{top['label']}/{top['predictor']}"
   d = collection.hidden_NMD.shape[-1]
   model_cfg = collection.metadata.get("model", {})
-  counter = (exits.FlopCounter.from_config(ModelConfig(**model_cfg)) if model_cfg else
-             exits.FlopCounter(collection.num_layers, d, 4 * d, 0))
+  heads, kv_heads = model_cfg.get("num_heads"), model_cfg.get("num_kv_heads")
+  counter = exits.FlopCounter(collection.num_layers, d, model_cfg.get("ffn_dim") or 4 * d,
+                              model_cfg.get("vocab_size", 0),
+                              d * kv_heads // heads if heads and kv_heads else None,
+                              3 if model_cfg.get("mlp") == "swiglu" else 2)
   t_mid = int(collection.positions_M.max()) // 2
   flops = {"head": counter.head, "block_mid_position": int(counter.block(t_mid)),
            "mid_position": t_mid,

@@ -286,3 +286,19 @@ def test_probe_collection_on_an_imported_model(models):
   np.testing.assert_array_equal(col.topk_NMK[:, :, 0], logp_NTV.argmax(-1))
   want_NM = -np.take_along_axis(logp_NTV, tokens[0, 1:][None, :, None], -1)[..., 0]
   np.testing.assert_allclose(col.nll_NM, want_NM, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_flop_counter_counts_the_blocks_real_matrices(models, name):
+  """block(t) = 2 x (multiply-adds of every projection: the kernels' sizes, so SwiGLU's
+  three matrices and GQA's narrower keys/values count as they are) + attention 4 (t+1) D;
+  kv = the key/value columns of qkv."""
+  model = models[name]
+  cfg = model.config
+  params = checkpoint.pure_params(model)["blocks"]
+  weights = sum(params[m]["kernel"][0].size for m in ("qkv", "attn_out", "fc1", "fc2"))
+  counter = exits.FlopCounter.from_config(cfg)
+  for t in (0, 7):
+    assert counter.block(t) == 2 * weights + 4 * (t + 1) * cfg.dim
+  q_cols = cfg.num_heads * cfg.head_dim
+  assert counter.kv == 2 * params["qkv"]["kernel"][0][:, q_cols:].size
