@@ -302,3 +302,15 @@ def test_flop_counter_counts_the_blocks_real_matrices(models, name):
     assert counter.block(t) == 2 * weights + 4 * (t + 1) * cfg.dim
   q_cols = cfg.num_heads * cfg.head_dim
   assert counter.kv == 2 * params["qkv"]["kernel"][0][:, q_cols:].size
+
+
+def test_bfloat16_compute_stays_close_to_the_reference():
+  """dtype="bfloat16": bf16 matmuls (so not float32-exact), logits within 5% of their range
+  (measured: 1.5% on the llama fixture)."""
+  tokens, want_NBTV = reference("llama")
+  model = load_hf_checkpoint(fixture("llama"), dtype="bfloat16")
+  assert model.config.dtype == "bfloat16"
+  err = np.abs(np.asarray(all_layer_logits(model, tokens)) - want_NBTV).max()
+  assert 1e-4 < err < 0.05 * np.abs(want_NBTV).max()
+  with pytest.raises(UserError, match="dtype='float16'"):
+    load_hf_checkpoint(fixture("llama"), dtype="float16")
