@@ -47,6 +47,7 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
@@ -95,6 +96,10 @@ class ModelConfig:
     attention_bias: biases on the QKV and output projections.
     mlp_bias: biases on the MLP projections.
     unembed_bias: a bias on the untied unembedding (Llama and GPT-2 have none).
+    param_dtype: storage dtype of every parameter, "float32" or "bfloat16" (half the
+      memory, e.g. for a large imported model; for inference: the residual stream,
+      norms' arithmetic, softmax and logits still run in float32 (`dtype` decides the
+      matmuls), but training would update bf16 weights).
   """
 
   vocab_size: int
@@ -121,6 +126,7 @@ class ModelConfig:
   attention_bias: bool = True
   mlp_bias: bool = True
   unembed_bias: bool = True
+  param_dtype: str = "float32"
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "dim", "num_heads", "max_len", "attention_chunks"):
@@ -139,6 +145,9 @@ class ModelConfig:
       raise UserError(f"model.remat={self.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
     if self.dtype not in COMPUTE_DTYPES:
       raise UserError(f"model.dtype={self.dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
+    if self.param_dtype not in PARAM_DTYPES:
+      raise UserError(f"model.param_dtype={self.param_dtype!r}: choose one of "
+                      f"{', '.join(PARAM_DTYPES)}")
     for name, choices in (("norm", NORMS), ("positions", POSITIONS), ("mlp", MLPS)):
       if getattr(self, name) not in choices:
         raise UserError(
@@ -178,6 +187,11 @@ class ModelConfig:
   def compute_dtype(self) -> Any:
     """The matmul dtype handed to `nnx.Linear` (None = float32, the parameters' own)."""
     return COMPUTE_DTYPES[self.dtype]
+
+  @property
+  def parameter_dtype(self) -> Any:
+    """The dtype every parameter is stored in (`param_dtype`)."""
+    return PARAM_DTYPES[self.param_dtype]
 
   @property
   def ffn_width(self) -> int:
@@ -276,8 +290,10 @@ def apply_rope(x_BTHK: Array, positions_BT: Array, inv_freq: np.ndarray) -> Arra
 def make_norm(config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
   """The configured normalisation over D (`config.norm`, `config.norm_eps`)."""
   if config.norm == "rmsnorm":
-    return nnx.RMSNorm(config.dim, epsilon=config.norm_eps, rngs=rngs)
-  return nnx.LayerNorm(config.dim, epsilon=config.norm_eps, rngs=rngs)
+    return nnx.RMSNorm(config.dim, epsilon=config.norm_eps, param_dtype=config.parameter_dtype,
+                       rngs=rngs)
+  return nnx.LayerNorm(config.dim, epsilon=config.norm_eps, param_dtype=config.parameter_dtype,
+                       rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -301,17 +317,17 @@ class Block(nnx.Module):
     self.dropout = config.dropout
     self.attention_chunks = config.attention_chunks
     self.ln1 = make_norm(config, rngs)
-    dt = config.compute_dtype
+    dt, pdt = config.compute_dtype, config.parameter_dtype
     qkv_width = (config.num_heads + 2 * config.kv_heads) * k
-    self.qkv = nnx.Linear(d, qkv_width, kernel_init=init, dtype=dt,
+    self.qkv = nnx.Linear(d, qkv_width, kernel_init=init, dtype=dt, param_dtype=pdt,
                           use_bias=config.attention_bias, rngs=rngs)
-    self.attn_out = nnx.Linear(d, d, kernel_init=out_init, dtype=dt,
+    self.attn_out = nnx.Linear(d, d, kernel_init=out_init, dtype=dt, param_dtype=pdt,
                                use_bias=config.attention_bias, rngs=rngs)
     self.ln2 = make_norm(config, rngs)
     self.fc1 = nnx.Linear(d, f * (2 if self.swiglu else 1), kernel_init=init, dtype=dt,
+                          param_dtype=pdt, use_bias=config.mlp_bias, rngs=rngs)
+    self.fc2 = nnx.Linear(f, d, kernel_init=out_init, dtype=dt, param_dtype=pdt,
                           use_bias=config.mlp_bias, rngs=rngs)
-    self.fc2 = nnx.Linear(f, d, kernel_init=out_init, dtype=dt, use_bias=config.mlp_bias,
-                          rngs=rngs)
 
   def kv(self, h_BTD: Array, positions_BT: Array | None = None) -> tuple[Array, Array]:
     """Keys and values [B, T, G, K] this layer computes from its input states."""
@@ -582,9 +598,11 @@ class DeepSupervisionTransformer(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     init = nnx.initializers.normal(0.02)
-    self.embed = nnx.Embed(config.vocab_size, config.dim, embedding_init=init, rngs=rngs)
+    pdt = config.parameter_dtype
+    self.embed = nnx.Embed(config.vocab_size, config.dim, embedding_init=init, param_dtype=pdt,
+                           rngs=rngs)
     if config.positions == "learned":
-      self.pos_embed = nnx.Param(init(rngs.params(), (config.max_len, config.dim)))
+      self.pos_embed = nnx.Param(init(rngs.params(), (config.max_len, config.dim), pdt))
     else:  # Rotary embeddings act inside the blocks.
       self.pos_embed = None
 
@@ -599,17 +617,18 @@ class DeepSupervisionTransformer(nnx.Module):
       self.unembed = None
     else:
       self.unembed = nnx.Linear(config.dim, config.vocab_size, kernel_init=init,
-                                dtype=config.compute_dtype, use_bias=config.unembed_bias,
-                                rngs=rngs)
+                                dtype=config.compute_dtype, param_dtype=pdt,
+                                use_bias=config.unembed_bias, rngs=rngs)
 
   def embed_tokens(self, tokens_BT: Array, positions_BT: Array | None = None) -> Array:
     """Token + learned position embedding (rotary models: the token embedding; their
     positions enter in the blocks): the input of layer 1."""
+    # float32 whatever `param_dtype` stores: the residual stream stays float32.
     if self.pos_embed is None:
-      return self.embed(tokens_BT)
+      return self.embed(tokens_BT).astype(jnp.float32)
     if positions_BT is None:
       positions_BT = jnp.arange(tokens_BT.shape[-1])[None, :]
-    return self.embed(tokens_BT) + self.pos_embed[...][positions_BT]
+    return (self.embed(tokens_BT) + self.pos_embed[...][positions_BT]).astype(jnp.float32)
 
   def head(self, h_BTD: Array) -> Array:
     """The shared exit head: final norm, then the unembedding, to float32 logits."""

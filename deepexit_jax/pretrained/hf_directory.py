@@ -11,6 +11,7 @@ of one parameter, never the whole model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -116,7 +117,7 @@ def _dtype_name(dtype: Any) -> str:
   name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
   if name not in COMPUTE_DTYPES:
     raise UserError(f"dtype={dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
-  return name
+  return name  # The compute and the parameter dtypes have the same names.
 
 
 def _sharding(mesh: jax.sharding.Mesh | None, axis: str, shape: tuple[int, ...],
@@ -162,19 +163,21 @@ def _place(spec: architectures.TensorSpec, tensors: _Tensors, target: Any,
   return jax.make_array_from_callback(shape, sharding, callback)
 
 
-def load_hf_checkpoint(path: str, *, dtype: Any = None, max_len: int | None = None,
-                       mesh: jax.sharding.Mesh | None = None, model_axis: str = "model"
-                       ) -> DeepSupervisionTransformer:
+def load_hf_checkpoint(path: str, *, dtype: Any = None, param_dtype: Any = None,
+                       max_len: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                       model_axis: str = "model") -> DeepSupervisionTransformer:
   """Imports a Hugging Face LlamaForCausalLM or GPT2LMHeadModel checkpoint.
 
   The model's exit head is the checkpoint's own final norm + LM head, applied after
-  every layer (LayerSkip's early exit). Parameters are float32 whatever the checkpoint
-  stores (bf16 weights convert exactly).
+  every layer (LayerSkip's early exit). Parameters are float32 unless `param_dtype` says
+  otherwise, whatever the checkpoint stores (bf16 weights convert to float32 exactly).
 
   Args:
     path: a local directory (config.json + model.safetensors or a sharded
       model.safetensors.index.json), or a hub id when huggingface_hub and network exist.
     dtype: compute dtype of the matmuls, None/"float32" or "bfloat16" (`ModelConfig.dtype`).
+    param_dtype: storage dtype of the parameters, None/"float32" or "bfloat16" (half the
+      memory; `ModelConfig.param_dtype`, for inference).
     max_len: longest sequence and the decoders' KV cache length; None: the checkpoint's
       (rotary models capped at `architectures.DEFAULT_MAX_LEN`).
     mesh: place every parameter directly onto this mesh, split along `model_axis`
@@ -188,7 +191,9 @@ def load_hf_checkpoint(path: str, *, dtype: Any = None, max_len: int | None = No
   directory = resolve(path)
   hf = read_config(directory)
   where = os.path.join(directory, CONFIG_JSON)
-  config = architectures.model_config(hf, where, dtype=_dtype_name(dtype), max_len=max_len)
+  config = dataclasses.replace(
+      architectures.model_config(hf, where, dtype=_dtype_name(dtype), max_len=max_len),
+      param_dtype=_dtype_name(param_dtype))
   arch = architectures.architecture_of(hf, where)
   if mesh is not None and model_axis not in mesh.shape:
     raise UserError(f"model_axis={model_axis!r} is not an axis of the mesh {dict(mesh.shape)}")
