@@ -76,8 +76,8 @@ class ModelConfig:
     attention_chunks: causal attention in this many query blocks, each computing
       only the scores it can see (see `causal_attention`); 1 = one T x T block.
     dtype: compute dtype of the matmuls, "float32" or "bfloat16" (mixed
-      precision: parameters, LayerNorms, the residual stream, attention softmax,
-      logits and the loss stay float32).
+      precision: parameters (unless `param_dtype`), LayerNorms, the residual stream,
+      attention softmax, logits and the loss stay float32).
     norm: "layernorm" (GPT-2) or "rmsnorm" (Llama) for both block norms and the
       exit head's final norm.
     norm_eps: the norms' epsilon (flax's 1e-6 by default; GPT-2 1e-5, Llama its
