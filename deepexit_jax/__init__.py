@@ -37,6 +37,8 @@ _LAZY = {"run_sweep": "deepexit_jax.sweep",
          "calibrate_threshold": "deepexit_jax.calibration",
          "collect_exit_losses": "deepexit_jax.calibration",
          "SweepReport": "deepexit_jax.sweep", "SweepRow": "deepexit_jax.sweep",
+         **{name: "deepexit_jax.pretrained" for name in (
+             "load_hf_checkpoint", "load_hf_tokenizer", "save_hf_checkpoint")},
          **{name: "deepexit_jax.probes" for name in (
              "Collection", "ProbeStudy", "SaturationProbe", "collect", "fit_probe",
              "load_probe", "run_probes", "run_study", "save_probe")},
@@ -102,11 +104,14 @@ __all__ = [
     "create_model",
     "deep_supervision_loss",
     "load_checkpoint",
+    "load_hf_checkpoint",
+    "load_hf_tokenizer",
     "load_corpus",
     "load_model",
     "load_tokenizer",
     "prepare_dataset",
     "resolve_loss_weights",
+    "save_hf_checkpoint",
     "save_model",
     "train_model",
 ]

@@ -12,7 +12,9 @@ holds) looks like:
   metrics.jsonl, events.out.tfevents.*   training runs: metrics, also for TensorBoard
 
 Orbax writes each step to a temporary directory and renames it when complete,
-so a killed run leaves the previous checkpoint intact.
+so a killed run leaves the previous checkpoint intact. `load_checkpoint` / `load_model`
+also read a Hugging Face directory (config.json + safetensors, no model.json) through
+`deepexit_jax.pretrained`.
 """
 
 from __future__ import annotations
@@ -134,7 +136,13 @@ def save_model(model: DeepSupervisionTransformer, directory: str, *,
 
 
 def read_model_config(directory: str) -> ModelConfig:
+  """The `ModelConfig` of a checkpoint directory (ours, or a Hugging Face one)."""
   path = os.path.join(directory, MODEL_JSON)
+  if not os.path.exists(path) and _is_hf(directory):
+    from deepexit_jax.pretrained import architectures, hf_directory
+
+    hf_path = os.path.join(directory, hf_directory.CONFIG_JSON)
+    return architectures.model_config(hf_directory.read_config(directory), hf_path)
   if not os.path.exists(path):
     raise UserError(
         f"{directory} is not a deepexit checkpoint (no {MODEL_JSON}): pass the --workdir of a "
@@ -195,8 +203,23 @@ class Checkpoint:
   path: str
 
 
+def _is_hf(directory: str) -> bool:
+  from deepexit_jax.pretrained import hf_directory
+
+  return hf_directory.is_hf_directory(directory)
+
+
 def load_checkpoint(directory: str) -> Checkpoint:
-  """Loads the best saved parameters of `directory`, with tokenizer and metadata."""
+  """Loads the best saved parameters of `directory`, with tokenizer and metadata.
+
+  A Hugging Face directory (config.json + model.safetensors, no model.json) is imported
+  with `pretrained.load_hf_checkpoint` (step 0, no experiment config), so every binary's
+  --checkpoint takes one.
+  """
+  if not os.path.exists(os.path.join(directory, MODEL_JSON)) and _is_hf(directory):
+    from deepexit_jax.pretrained import hf_directory
+
+    return hf_directory.load_hf_as_checkpoint(directory)
   config = read_model_config(directory)
   best_dir = os.path.join(directory, BEST)
   if not os.path.isdir(best_dir):
@@ -224,7 +247,8 @@ def load_checkpoint(directory: str) -> Checkpoint:
 
 
 def load_model(directory: str) -> DeepSupervisionTransformer:
-  """Loads the best saved model of a checkpoint directory (see `save_model`)."""
+  """Loads the best saved model of a checkpoint directory (see `save_model`) or of a
+  Hugging Face directory (`pretrained.load_hf_checkpoint`)."""
   return load_checkpoint(directory).model
 
 

@@ -58,11 +58,13 @@ KV policies.
           outputs change. Exact, because a block's attention reads its input states.
 
 FLOPs per token at 0-based position t (multiply-adds count 2; LayerNorm, embedding,
-softmax, residual adds and GELU are ignored):
-  block(t)   = 2 D 3D (QKV) + 2 2 (t+1) D (scores + weighted sum) + 2 D D (output)
-               + 2 2 D F (MLP)                     = 8 D^2 + 4 (t+1) D + 4 D F
+softmax, residual adds, rotary embeddings and GELU/SiLU are ignored); C = G K is the
+width of the keys (= D unless grouped-query attention), m the MLP's matrices (2 for
+GELU, 3 for SwiGLU):
+  block(t)   = 2 D (D + 2C) (QKV) + 2 2 (t+1) D (scores + weighted sum) + 2 D D (output)
+               + 2 m D F (MLP)                     = 8 D^2 + 4 (t+1) D + 4 D F  (C = D, m = 2)
   head       = 2 D V                               (final LayerNorm ignored)
-  kv         = 2 D 2D = 4 D^2                      (keys/values of a copied state)
+  kv         = 2 D 2C = 4 D C                      (keys/values of a copied state)
   cosine     = 2 3D = 6 D                          (dot product and two squared norms)
   full(t)    = N block(t) + head                   (the denominator)
 For a token exiting at layer k (k = N if it never exits) after c exit checks (c =
@@ -259,15 +261,22 @@ class FlopCounter:
   dim: int
   ffn_dim: int
   vocab_size: int
+  kv_dim: int | None = None  # C = G K, the key (and value) width; None = dim
+  ffn_matrices: int = 2  # m: 2 (GELU MLP) or 3 (SwiGLU)
 
   @classmethod
   def from_config(cls, config: ModelConfig) -> FlopCounter:
-    return cls(config.num_layers, config.dim, config.ffn_width, config.vocab_size)
+    return cls(config.num_layers, config.dim, config.ffn_width, config.vocab_size,
+               config.kv_heads * config.head_dim, config.ffn_matrices)
+
+  @property
+  def _kv_width(self) -> int:
+    return self.dim if self.kv_dim is None else self.kv_dim
 
   def block(self, t):
     """One Transformer block for the token at 0-based position t."""
-    d, f = self.dim, self.ffn_dim
-    return 2 * d * 3 * d + 2 * 2 * (t + 1) * d + 2 * d * d + 2 * 2 * d * f
+    d, f, c, m = self.dim, self.ffn_dim, self._kv_width, self.ffn_matrices
+    return 2 * d * (d + 2 * c) + 2 * 2 * (t + 1) * d + 2 * d * d + 2 * m * d * f
 
   @property
   def head(self) -> int:
@@ -275,7 +284,7 @@ class FlopCounter:
 
   @property
   def kv(self) -> int:
-    return 2 * self.dim * 2 * self.dim
+    return 2 * self.dim * 2 * self._kv_width
 
   @property
   def cosine(self) -> int:

@@ -1,7 +1,7 @@
 """Real early-exit decoding: an incremental KV-cache decoder that skips the layers above the exit.
 
 Shapes (suffixes on locals): N layers, B batch, S cache length (= config.max_len),
-D model width, H heads, K head width, V vocabulary, E exit layers checked (below N),
+D model width, H key/value heads (the caches'), K head width, V vocabulary, E exit layers checked (below N),
 Q pending-queue slots (`recompute`), R query rows of one layer call (1 in a decode step,
 the prompt for the prefill, 1 + Q in a catch-up), M decode steps.
 
@@ -58,6 +58,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from deepexit_jax import exits
 from deepexit_jax.decoding import compiled
@@ -192,23 +193,14 @@ def _put_rows(cache_BSHK: Array, rows_BXHK: Array, at: Array) -> Array:
   return cache_BSHK.at[jnp.arange(at.shape[0])[:, None], at].set(rows_BXHK, mode="drop")
 
 
-def _copied_kv(kv_params: tuple[Array, ...], lo: int, h_BD: Array, num_heads: int
+def _copied_kv(blocks_def: Any, blocks_state: Any, lo: int, h_BD: Array, t: Array
                ) -> tuple[Array, Array]:
-  """`copy` for skipped layers lo..N-1: keys/values [L, B, H, K] of one copied state.
+  """`copy` for skipped layers lo..N-1: keys/values [L, B, G, K] of one copied state at
+  position t, as one batched projection over the stacked weights (`Block.copied_kv`)."""
+  def one(state):
+    return nnx.merge(blocks_def, state).copied_kv(h_BD, t)
 
-  The state is the same for every skipped layer, so its LayerNorm statistics are
-  computed once and the L key/value projections run as one batched matmul.
-  """
-  scale_ND, bias_ND, kernel_ND2D, kbias_N2D, eps = kv_params
-  b, d = h_BD.shape
-  mean_B1 = jnp.mean(h_BD, -1, keepdims=True)
-  var_B1 = jnp.mean(jnp.square(h_BD - mean_B1), -1, keepdims=True)
-  xhat_BD = (h_BD - mean_B1) * jax.lax.rsqrt(var_B1 + eps)
-  x_LBD = xhat_BD[None] * scale_ND[lo:, None] + bias_ND[lo:, None]
-  kv_LB2D = jnp.einsum("lbd,lde->lbe", x_LBD, kernel_ND2D[lo:]) + kbias_N2D[lo:, None]
-  k_LBD, v_LBD = jnp.split(kv_LB2D, 2, axis=-1)
-  shape = (k_LBD.shape[0], b, num_heads, d // num_heads)
-  return k_LBD.reshape(shape), v_LBD.reshape(shape)
+  return jax.vmap(one)(jax.tree.map(lambda x: x[lo:], blocks_state))
 
 # ----------------------------------------------------------------------------------------
 # The decoder's state: the step loop's carry and one token's climb through the layers.
@@ -322,15 +314,13 @@ def decode(model: DeepSupervisionTransformer, tokens_BF: Array, threshold: Array
   probe = exits.merge_probe(opts.static_probe, dynamic_probe)
   cfg = model.config
   n, s, e, q, d = cfg.num_layers, cfg.max_len, len(opts.exit_layers), opts.max_pending, cfg.dim
-  nh, hk = cfg.num_heads, cfg.head_dim
+  nh, hk = cfg.kv_heads, cfg.head_dim  # Caches hold the G key/value heads.
   b = tokens_BF.shape[0]
   copy = opts.kv_policy == "copy"
   segments = _segments(opts.exit_layers, n)
   # Each layer's weights sliced once, outside the step loop.
   blocks = [model.layer(i) for i in range(n)]
-  kv_params = (model.blocks.ln1.scale[...], model.blocks.ln1.bias[...],
-               model.blocks.qkv.kernel[...][:, :, d:], model.blocks.qkv.bias[...][:, d:],
-               model.blocks.ln1.epsilon)
+  blocks_def, blocks_state = nnx.split(model.blocks)
 
   length = opts.prefill + opts.num_steps + 1
   # Ragged rows end before the buffer does: their tail is padding (EOS or 0).
@@ -347,7 +337,7 @@ def decode(model: DeepSupervisionTransformer, tokens_BF: Array, threshold: Array
     masks = _masks(pos_P, jnp.ones_like(pos_P, bool), s)
     h_BPD = model.embed_tokens(tokens_BL[:, :opts.prefill], pos_P[None])
     for i in range(n):
-      h_BPD, k_BPHK, v_BPHK = blocks[i].extend(h_BPD, caches[i], *masks)
+      h_BPD, k_BPHK, v_BPHK = blocks[i].extend(h_BPD, caches[i], *masks, pos_P)
       caches[i] = (zeros_BSHK.at[:, :opts.prefill].set(k_BPHK),
                    zeros_BSHK.at[:, :opts.prefill].set(v_BPHK))
       # The first step rewrites position (start - 1) with these same rows.
@@ -413,7 +403,7 @@ def decode(model: DeepSupervisionTransformer, tokens_BF: Array, threshold: Array
           h_in = st.h_BD
           h_BRD = jnp.concatenate([h_in[:, None], qu.h_BQD], 1)
           masks = _masks(pos_R, jnp.concatenate([jnp.ones((1,), bool), active_Q]), s)
-          h_BRD, k_BRHK, v_BRHK = blocks[i].extend(h_BRD, caches[i], *masks)
+          h_BRD, k_BRHK, v_BRHK = blocks[i].extend(h_BRD, caches[i], *masks, pos_R)
           kv[i - lo] = (k_BRHK[:, 0], v_BRHK[:, 0])
           queue_kv[i - lo] = (k_BRHK[:, 1:], v_BRHK[:, 1:], active_Q)
           st = st.replace(h_in_BD=h_in, h_out_BD=h_BRD[:, 0], h_BD=h_BRD[:, 0])
@@ -465,7 +455,7 @@ def decode(model: DeepSupervisionTransformer, tokens_BF: Array, threshold: Array
       these layers are written later by its catch-up, before anyone reads them)."""
       if not copy:
         return st
-      k_LBHK, v_LBHK = _copied_kv(kv_params, lo, st.h_BD, nh)
+      k_LBHK, v_LBHK = _copied_kv(blocks_def, blocks_state, lo, st.h_BD, t)
       return st.replace(kv=[(k_LBHK[i], v_LBHK[i]) for i in range(n - lo)])
 
     def chain(st: _Climb, j: int) -> _Climb:

@@ -250,7 +250,7 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array,
   probe = exits.merge_probe(opts.static_probe, dynamic_probe)
   cfg = model.config
   n, e, kd = cfg.num_layers, opts.draft_layer, opts.draft_len
-  s, nh, hk, d, v = cfg.max_len, cfg.num_heads, cfg.head_dim, cfg.dim, cfg.vocab_size
+  s, nh, hk, d, v = cfg.max_len, cfg.kv_heads, cfg.head_dim, cfg.dim, cfg.vocab_size
   b, p = prompt_BP.shape  # p: the longest prompt; row b's is prompt_len_B[b] long.
   m, r = opts.num_new, kd + 1
   total_B = prompt_len_B + m
@@ -268,7 +268,8 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array,
     no_cache_1QS = jnp.zeros((1, p - 1, s), bool)
     causal_1QQ = (pos_Q[:, None] >= pos_Q[None, :])[None]
     for i in range(n):
-      h_BQD, k_BQHK, v_BQHK = blocks[i].extend(h_BQD, caches[i], no_cache_1QS, causal_1QQ)
+      h_BQD, k_BQHK, v_BQHK = blocks[i].extend(h_BQD, caches[i], no_cache_1QS, causal_1QQ,
+                                               pos_Q)
       caches[i] = (zeros_BSHK.at[:, :p - 1].set(k_BQHK), zeros_BSHK.at[:, :p - 1].set(v_BQHK))
 
   def draft_step(st: _Draft, length_B: Array, key: Array) -> _Draft:
@@ -314,6 +315,7 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array,
     r_X = jnp.arange(size)
     cache_mask_BXS = (jnp.arange(s)[None, None] < (length_B - 1)[:, None, None])
     causal_1XX = (r_X[:, None] >= r_X[None, :])[None]
+    pos_BX = length_B[:, None] - 1 + r_X[None]
     h_BXD, kv = h_BRD[:, :size], []
 
     def pad(x_BX: Array) -> Array:
@@ -321,7 +323,7 @@ def speculative_decode(model: DeepSupervisionTransformer, prompt_BP: Array,
 
     for i in range(e, n):
       h_BXD, k_BXHK, v_BXHK = blocks[i].extend(h_BXD, caches[i - e], cache_mask_BXS,
-                                               causal_1XX)
+                                               causal_1XX, pos_BX)
       kv.append((pad(k_BXHK.astype(jnp.float32)), pad(v_BXHK.astype(jnp.float32))))
     return pad(model.head(h_BXD)), kv
 

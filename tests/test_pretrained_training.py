@@ -1,0 +1,71 @@
+"""Training continues from imported Hugging Face weights with our losses and LayerSkip's recipe.
+
+`train()` builds a fresh model (it has no "initialise from a checkpoint" option yet), so
+these tests drive its `Trainer` (the jitted step `train()` runs) with the imported
+parameters as the initial state.
+"""
+
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepexit_jax import checkpoint, losses, parallel
+from deepexit_jax.config import ExperimentConfig
+from deepexit_jax.pretrained import load_hf_checkpoint
+from deepexit_jax.train import Trainer, TrainState
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama")
+
+
+def _trainer(config_dict, model, recipe, steps):
+  d = config_dict(max_steps=steps, learning_rate=1e-2, warmup_steps=0, num_devices=1)
+  d["model"] = model.config.to_dict()
+  d["data"]["batch_size"] = 2
+  d["loss_weights"] = "sum_l"
+  d["recipe"] = recipe
+  trainer = Trainer(ExperimentConfig.from_dict(d), steps)
+  params = nnx.state(model, nnx.Param)
+  state = parallel.replicate(TrainState(params=params, opt_state=trainer.tx.init(params),
+                                        step=jnp.zeros((), jnp.int32)), trainer.mesh)
+  return trainer, state
+
+
+def test_first_step_loss_is_sum_l_over_the_reference_exits(config_dict):
+  """The training loss at the imported weights equals LayerSkip's sum_l-weighted
+  cross-entropy computed from transformers' own per-layer logits."""
+  model = load_hf_checkpoint(FIXTURE)
+  ref = np.load(os.path.join(FIXTURE, "reference.npz"))
+  tokens, logits_NBTV = ref["tokens"], ref["logits_NBTV"][:, :, :-1]
+  targets_BT = tokens[:, 1:]
+  logp_NBTV = jax.nn.log_softmax(jnp.asarray(logits_NBTV, jnp.float32), -1)
+  nll_NBT = -np.take_along_axis(np.asarray(logp_NBTV), targets_BT[None, ..., None], -1)[..., 0]
+  weights_N = losses.resolve_loss_weights("sum_l", model.config.num_layers)
+  want = float(np.dot(weights_N, nll_NBT.mean(axis=(1, 2))))
+  trainer, state = _trainer(config_dict, model, {}, steps=1)
+  _, metrics = trainer.train_step(state, *trainer.shard(tokens[:, :-1], targets_BT))
+  np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
+
+
+def test_layerskip_recipe_trains_the_imported_model_and_saves_it(config_dict, tmp_path):
+  """Rotational curriculum + exponential layer dropout + sum_l: the imported model's loss
+  on a batch falls as it trains on it, and the result round-trips through save_model."""
+  model = load_hf_checkpoint(FIXTURE)
+  recipe = {"curriculum": "rotational", "layer_dropout": 0.2,
+            "layer_dropout_schedule": "exponential"}
+  trainer, state = _trainer(config_dict, model, recipe, steps=20)
+  tokens = np.load(os.path.join(FIXTURE, "reference.npz"))["tokens"]
+  batch = trainer.shard(tokens[:, :-1], tokens[:, 1:])
+  mask = trainer.shard(np.ones(tokens[:, 1:].shape, np.float32))[0]
+  before_N = trainer.eval_step(state.params, *batch, mask)[0]
+  for _ in range(20):
+    state, _ = trainer.train_step(state, *batch)
+  after_N = trainer.eval_step(state.params, *batch, mask)[0]
+  assert np.all(np.asarray(after_N) < 0.8 * np.asarray(before_N)), (before_N, after_N)
+  trained = trainer.model(state.params)
+  checkpoint.save_model(trained, str(tmp_path / "run"))
+  chex.assert_trees_all_equal(checkpoint.pure_params(checkpoint.load_model(str(tmp_path / "run"))),
+                              checkpoint.pure_params(trained))
