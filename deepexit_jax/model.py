@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepexit_jax import validation
 from deepexit_jax.attention import ATTENTION_RESIDUALS, cached_attention, causal_attention
 from deepexit_jax.errors import UserError
 
@@ -128,53 +129,41 @@ class ModelConfig:
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "dim", "num_heads", "max_len", "attention_chunks"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UserError(f"model.{name} must be an integer >= 1, got {value!r}")
+      validation.check_int(f"model.{name}", getattr(self, name), 1)
     if self.dim % self.num_heads:
       raise UserError(
           f"model.num_heads={self.num_heads} must divide model.dim={self.dim}: "
           "choose a head count that divides the width")
-    if self.ffn_dim is not None and (not isinstance(self.ffn_dim, int) or self.ffn_dim < 1):
-      raise UserError(f"model.ffn_dim must be an integer >= 1 or None, got {self.ffn_dim!r}")
-    if not 0.0 <= self.dropout < 1.0:
-      raise UserError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
-    if self.remat not in REMAT_POLICIES:
-      raise UserError(f"model.remat={self.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
-    if self.dtype not in COMPUTE_DTYPES:
-      raise UserError(f"model.dtype={self.dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
-    if self.param_dtype not in PARAM_DTYPES:
-      raise UserError(f"model.param_dtype={self.param_dtype!r}: choose one of "
-                      f"{', '.join(PARAM_DTYPES)}")
-    for name, choices in (("norm", NORMS), ("positions", POSITIONS), ("mlp", MLPS)):
-      if getattr(self, name) not in choices:
-        raise UserError(
-            f"model.{name}={getattr(self, name)!r}: choose one of {', '.join(choices)}")
+    validation.check_int("model.ffn_dim", self.ffn_dim, 1, none_means="(4 * dim)")
+    validation.check_float("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
+    for name, choices in (("remat", REMAT_POLICIES), ("dtype", COMPUTE_DTYPES),
+                          ("param_dtype", PARAM_DTYPES), ("norm", NORMS),
+                          ("positions", POSITIONS), ("mlp", MLPS)):
+      validation.check_choice(f"model.{name}", getattr(self, name), list(choices))
     for name in ("norm_eps", "rope_theta"):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise UserError(f"model.{name} must be a number > 0, got {value!r}")
+      validation.require(validation.is_number(value) and value > 0, f"model.{name}", value,
+                         "be a number > 0")
     for name in ("attention_bias", "mlp_bias", "unembed_bias"):
-      if not isinstance(getattr(self, name), bool):
-        raise UserError(f"model.{name} must be True or False, got {getattr(self, name)!r}")
+      value = getattr(self, name)
+      validation.require(isinstance(value, bool), f"model.{name}", value, "be True or False")
     kv = self.num_kv_heads
-    if kv is not None and (not isinstance(kv, int) or isinstance(kv, bool) or kv < 1
-                           or self.num_heads % kv):
-      raise UserError(
-          f"model.num_kv_heads={kv!r} must be an integer >= 1 that divides "
-          f"model.num_heads={self.num_heads} (or None for one key/value head per head)")
+    validation.require(
+        kv is None or (validation.is_int(kv) and kv >= 1 and self.num_heads % kv == 0),
+        "model.num_kv_heads", kv, f"be an integer >= 1 that divides model.num_heads="
+        f"{self.num_heads} (or None for one key/value head per head)")
     if self.positions == "rope":
       if self.head_dim % 2:
         raise UserError(
             f"model.positions='rope' needs an even head width, but dim / num_heads = "
             f"{self.head_dim}: change model.dim or model.num_heads")
-      if isinstance(self.rope_scaling, bool) or not isinstance(
-          self.rope_scaling, int | float) or self.rope_scaling < 1:
-        raise UserError(f"model.rope_scaling must be a number >= 1 (1 = no scaling), got "
-                        f"{self.rope_scaling!r}")
+      validation.require(validation.is_number(self.rope_scaling) and self.rope_scaling >= 1,
+                         "model.rope_scaling", self.rope_scaling,
+                         "be a number >= 1 (1 = no scaling)")
       if self.rope_scaling > 1 and not (
           0 < self.rope_low_freq_factor < self.rope_high_freq_factor
-          and isinstance(self.rope_original_max_len, int) and self.rope_original_max_len >= 1):
+          and validation.is_int(self.rope_original_max_len)
+          and self.rope_original_max_len >= 1):
         raise UserError(
             "model.rope_low_freq_factor, rope_high_freq_factor, rope_original_max_len must "
             "satisfy 0 < low < high and an integer length >= 1, got "
