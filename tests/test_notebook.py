@@ -22,6 +22,9 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   monkeypatch.setenv("DEEPEXIT_NOTEBOOK_TINY", "1")
   monkeypatch.setenv("DEEPEXIT_NOTEBOOK_WORKDIR", str(tmp_path / "work"))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  # The pretrained-model section on the tiny GPT-2-shaped Hugging Face fixture.
+  monkeypatch.setenv("DEEPEXIT_NOTEBOOK_HF", os.path.join(os.path.dirname(__file__),
+                                                         "fixtures", "hf", "gpt2"))
   nb = nbformat.read(NOTEBOOK, as_version=4)
   NotebookClient(nb, timeout=600, kernel_name="deepexit-test",
                  resources={"metadata": {"path": str(tmp_path)}}).execute()
@@ -34,3 +37,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   assert any("| Threshold |" in d.get("text/markdown", "") for d in data)
   assert any("image/png" in d for d in data)
   assert os.path.exists(tmp_path / "work" / "sweep" / "sweep.png")
+  # The imported model was swept and decoded speculatively, identically to full depth.
+  assert "2 layers, dim 32" in text
+  assert "threshold 1.0: PPL" in text
+  assert "identical to full depth: True" in text
