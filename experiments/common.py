@@ -163,7 +163,9 @@ def recipe_lines(cfg: ExperimentConfig, steps_per_epoch: int | None) -> list[str
       f"{t.weight_decay} on weight matrices only (not biases, LayerNorm or embeddings), "
       f"global-norm clip {t.grad_clip}; linear warm-up from 0 over {t.warmup_steps} steps, "
       f"cosine decay to {t.min_lr_ratio} x peak at the last step.",
-      f"- Data: {d.dataset} train split `{d.train_split}` (first {d.train_chars:,} characters), "
+      f"- Data: {d.dataset} train split `{d.train_split}` ("
+      + (f"first {d.train_chars:,} characters" if d.train_chars else "every character")
+      + "), "
       f"validation `{d.val_split}` (first {d.val_chars:,}); {d.tokenizer} tokenizer fitted on "
       f"the training text; seq {d.seq_len}, batch {d.batch_size}. Each epoch is a seeded "
       "permutation of non-overlapping windows at a seeded offset; the seed also drives "
