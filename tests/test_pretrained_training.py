@@ -1,8 +1,8 @@
 """Training continues from imported Hugging Face weights with our losses and LayerSkip's recipe.
 
-`train()` builds a fresh model (it has no "initialise from a checkpoint" option yet), so
-these tests drive its `Trainer` (the jitted step `train()` runs) with the imported
-parameters as the initial state.
+The first tests drive `train()`'s `Trainer` (the jitted step it runs) with the imported
+parameters as the initial state (`Trainer(initial_params=...)`, what
+`train(init_from=...)` does); the last ones run `train(init_from=...)` itself.
 """
 
 import json
@@ -13,14 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from deepexit_jax import checkpoint, data, losses, parallel
+from deepexit_jax import checkpoint, data, losses
 from deepexit_jax.config import ExperimentConfig, load_config_file
 from deepexit_jax.errors import UserError
 from deepexit_jax.model import all_layer_logits
 from deepexit_jax.pretrained import load_hf_checkpoint
-from deepexit_jax.train import Trainer, TrainState, train
+from deepexit_jax.train import Trainer, train
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama")
 
@@ -31,11 +30,10 @@ def _trainer(config_dict, model, recipe, steps):
   d["data"]["batch_size"] = 2
   d["loss_weights"] = "sum_l"
   d["recipe"] = recipe
-  trainer = Trainer(ExperimentConfig.from_dict(d), steps)
-  params = nnx.state(model, nnx.Param)
-  state = parallel.replicate(TrainState(params=params, opt_state=trainer.tx.init(params),
-                                        step=jnp.zeros((), jnp.int32)), trainer.mesh)
-  return trainer, state
+  # What train(init_from=...) builds: the trainer's initial state holds the weights.
+  trainer = Trainer(ExperimentConfig.from_dict(d), steps,
+                    initial_params=checkpoint.pure_params(model))
+  return trainer, trainer.initial_state
 
 
 def test_first_step_loss_is_sum_l_over_the_reference_exits(config_dict):
