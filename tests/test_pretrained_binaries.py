@@ -96,12 +96,12 @@ def test_checkpoint_flags_take_one_directory_and_hf_checkpoint_must_be_one(tmp_p
 
 def test_sweep_and_calibration_of_a_hugging_face_model_on_a_text_file(text_file, tmp_path):
   thresholds = np.array([0.2, 0.6, np.inf], np.float32)
-  result = sweep.run_sweep(GPT2, thresholds, kv_policies=("copy",), text_file=text_file)
+  result = sweep.run_sweep(GPT2, thresholds, kv_policies=("oracle",), text_file=text_file)
   tokens = checkpoint.load_checkpoint(GPT2).tokenizer.encode(open(text_file).read())
   assert result.exit_layers == (1, 2) and result.num_tokens == len(tokens) - 1
   assert text_file in result.metadata["data"] and result.metadata["experiment"] is None
   cal = calibration.run_calibration(GPT2, thresholds, delta=0.2, epsilon=0.2, splits=3,
-                                    text_file=text_file)
+                                    kv_policy="oracle", text_file=text_file)
   assert cal.fields["data"] == result.metadata["data"]
   paths = report.write_report(result, str(tmp_path / "sweep"), (), cal)
   with open(paths["json"]) as f:
@@ -127,3 +127,22 @@ def test_sweep_binary_on_hf_checkpoint_with_text_file(text_file, tmp_path):
   with open(tmp_path / "sweep" / "sweep.json") as f:
     swept = json.load(f)
   assert swept["exit_layers"] == [1, 2] and text_file in swept["metadata"]["data"]
+
+
+def _binary(module, *args):
+  return subprocess.run([sys.executable, "-m", f"deepexit_jax.main.{module}", *args],
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_probe_binary_on_a_hugging_face_directory_with_text_file(text_file, tmp_path):
+  res = _binary("probe", f"--checkpoint={GPT2}", f"--text_file={text_file}", "--tokens=300",
+                "--predictors=softmax,state", "--balance=none", "--seq_len=16",
+                f"--out={tmp_path}/probe")
+  assert res.returncode == 0, res.stderr[-2000:]
+  with open(tmp_path / "probe" / "probe.json") as f:
+    assert json.load(f)["metadata"]["text"].startswith(f"text file {text_file}")
+  # Without --text_file: one line saying to pass it.
+  res = _binary("probe", f"--hf_checkpoint={GPT2}", f"--out={tmp_path}/p2")
+  assert res.returncode == 2 and "Traceback" not in res.stderr
+  assert "pass --text_file=PATH" in res.stderr.strip().splitlines()[-1]
