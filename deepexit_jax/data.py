@@ -1,4 +1,4 @@
-"""Input pipeline: text corpora, tokenization, seeded training batches and eval windows.
+"""Input pipeline: corpora, tokenization, training batches, eval windows, checkpoints' eval text.
 
 Shapes: NB eval batches, B batch, S sequence length (seq_len), W = S + 1 window length,
 L tokens in a split.
