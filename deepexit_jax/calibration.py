@@ -650,22 +650,27 @@ def run_calibration(checkpoint_dir: str, thresholds: Any, *, delta: float, epsil
                     measure: str = "softmax", kv_policy: str = "copy", probe: Any = None,
                     routing: str = "token", seq_quantile: float = 1.0,
                     threshold_decay: float = 0.0, threshold_decay_form: str = "exponential",
-                    data_dir: str | None = None, risk_scale: float | None = None
-                    ) -> CalibrationReport:
-  """Loads a checkpoint, collects `ExitLosses` on its validation text, calibrates a split.
+                    data_dir: str | None = None, risk_scale: float | None = None,
+                    text_file: str | None = None, seq_len: int | None = None,
+                    batch_size: int | None = None) -> CalibrationReport:
+  """Loads a checkpoint, collects `ExitLosses` on its evaluation text (the sweep's:
+  `sweep.load_run`), calibrates a split.
 
   Args:
-    checkpoint_dir: a `deepexit-train` workdir.
+    checkpoint_dir: a `deepexit-train` workdir, or a Hugging Face directory (with
+      `text_file`).
     thresholds: [S] candidate thresholds.
     delta, epsilon, consistency, unit, bound: as for `calibrate_threshold`.
     fraction: share of the windows that calibrate; the rest test.
     seed: seed of the splits (`split_windows`).
     splits: number of random splits for the coverage.
-    exit_layers: None uses the run's configured ones.
+    exit_layers: None: `checkpoint.Checkpoint.exit_layers` (the run's configured ones;
+      every layer for a model without a training run).
     measure, kv_policy, probe, routing, seq_quantile, threshold_decay,
       threshold_decay_form: as for `predict_with_exit`.
     data_dir: overrides the run's data.data_dir.
     risk_scale: nats mapped to loss 1 by the risk consistency (default ln V).
+    text_file, seq_len, batch_size: the evaluation text (`data.evaluation_text`).
 
   Returns:
     A `CalibrationReport` (its `to_json()` is calibration.json).
@@ -674,9 +679,10 @@ def run_calibration(checkpoint_dir: str, thresholds: Any, *, delta: float, epsil
   exits.check_choice("consistency", consistency, CONSISTENCIES)
   exits.check_choice("unit", unit, UNITS)
   _pvalue_fn(bound)
-  run = sweep.load_run(checkpoint_dir, data_dir)
+  run = sweep.load_run(checkpoint_dir, data_dir, text_file=text_file, seq_len=seq_len,
+                       batch_size=batch_size)
   model = run.checkpoint.model
-  layers = tuple(exit_layers or run.checkpoint.experiment["exit_layers"])
+  layers = tuple(exit_layers or run.checkpoint.exit_layers)
   results = collect_exit_losses(
       model, run.batches, thresholds, exit_layers=layers, measure=measure,
       kv_policy=kv_policy, routing=routing, seq_quantile=seq_quantile,

@@ -202,6 +202,15 @@ class Checkpoint:
   experiment: dict[str, Any] | None
   path: str
 
+  @property
+  def exit_layers(self) -> tuple[int, ...]:
+    """The default 1-based exit layers: the training run's configured exit_layers, or
+    for a checkpoint without a run (an imported Hugging Face model, whose every layer
+    exits through the shared final norm + LM head) every layer 1..N."""
+    if self.experiment is not None and "exit_layers" in self.experiment:
+      return tuple(int(k) for k in self.experiment["exit_layers"])
+    return tuple(range(1, self.model.config.num_layers + 1))
+
 
 def _is_hf(directory: str) -> bool:
   from deepexit_jax.pretrained import hf_directory

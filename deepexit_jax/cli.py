@@ -1,4 +1,5 @@
-"""Shared plumbing of the absl binaries: user errors as one line, device logging."""
+"""Shared plumbing of the absl binaries: user errors as one line, device logging, the
+--checkpoint / --hf_checkpoint pair."""
 
 from __future__ import annotations
 
@@ -61,3 +62,28 @@ def log_devices() -> None:
   devices = jax.devices()
   logging.info("JAX %s on %d %s device(s): %s", jax.__version__, len(devices),
                devices[0].platform, ", ".join(str(d) for d in devices[:8]))
+
+
+def checkpoint_dir(checkpoint: str | None, hf_checkpoint: str | None) -> str:
+  """The directory a binary loads: --checkpoint (a deepexit-train workdir, a save_model
+  directory or a Hugging Face directory) or --hf_checkpoint (which must be a Hugging Face
+  directory: config.json + model.safetensors).
+
+  Raises:
+    UserError: neither or both flags, or --hf_checkpoint not a Hugging Face directory.
+  """
+  if checkpoint and hf_checkpoint:
+    raise UserError("give --checkpoint or --hf_checkpoint, not both: --hf_checkpoint is "
+                    "--checkpoint for a Hugging Face directory")
+  if hf_checkpoint:
+    from deepexit_jax.pretrained import hf_directory
+
+    if not hf_directory.is_hf_directory(hf_checkpoint):
+      raise UserError(f"--hf_checkpoint={hf_checkpoint} is not a Hugging Face checkpoint "
+                      "directory (config.json + model.safetensors, no model.json): pass a "
+                      "deepexit-train workdir with --checkpoint")
+    return hf_checkpoint
+  if not checkpoint:
+    raise UserError("--checkpoint is required: the --workdir of a deepexit-train run (or "
+                    "--hf_checkpoint=DIR, a Hugging Face directory)")
+  return checkpoint

@@ -178,9 +178,16 @@ class ExperimentConfig:
     }
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any] | ml_collections.ConfigDict) -> ExperimentConfig:
+  def from_dict(cls, d: Mapping[str, Any] | ml_collections.ConfigDict, *,
+                init_model: ModelConfig | None = None) -> ExperimentConfig:
     """Validates a (Config)dict with keys model, data, loss_weights, exit_layers, train
-    and (optional) recipe."""
+    and (optional) recipe.
+
+    With `init_model` (the model of the checkpoint a run starts from, `--init_from`), the
+    model is that one: the model section may be left out, and any field it gives must
+    equal the checkpoint's except `INIT_OVERRIDABLE` ones; exit_layers default to every
+    layer.
+    """
     if isinstance(d, ml_collections.ConfigDict):
       d = d.to_dict()
     d = dict(d)
@@ -188,7 +195,11 @@ class ExperimentConfig:
     if unknown:
       raise UserError(f"unknown config section(s) {sorted(unknown)}: "
                       "allowed are model, data, loss_weights, exit_layers, train, recipe")
-    model = dict(d.get("model", {}))
+    model = dict(d.get("model") or {})
+    if init_model is not None:
+      model = initial_model_fields(model, init_model)
+      if d.get("exit_layers") is None:
+        d["exit_layers"] = tuple(range(1, init_model.num_layers + 1))
     model.setdefault("vocab_size", 1)  # Placeholder until the tokenizer is known.
     weights = d.get("loss_weights", "final")
     if isinstance(weights, Mapping):
@@ -201,6 +212,33 @@ class ExperimentConfig:
         train=_build(TrainConfig, dict(d.get("train", {})), "train"),
         recipe=_build(RecipeConfig, dict(d.get("recipe") or {}), "recipe"),
     )
+
+
+# Model fields a run started from a checkpoint (`--init_from`) may set differently from
+# the checkpoint's: they change how the model runs and trains, not its parameters.
+INIT_OVERRIDABLE = ("remat", "attention_chunks", "dtype", "dropout")
+
+
+def initial_model_fields(model: Mapping[str, Any], init_model: ModelConfig) -> dict[str, Any]:
+  """The model section of a run that starts from a checkpoint of `init_model`: the
+  checkpoint's fields, with the section's `INIT_OVERRIDABLE` ones.
+
+  Raises:
+    UserError: the section gives another field a value other than the checkpoint's (one
+      line naming each, with both values).
+  """
+  stored = init_model.to_dict()
+  unknown = sorted(set(model) - set(stored))
+  if unknown:
+    raise UserError(f"unknown model field(s) {unknown}; allowed: {sorted(stored)}")
+  conflicts = [f"{k}={v!r} (checkpoint: {stored[k]!r})" for k, v in model.items()
+               if k not in INIT_OVERRIDABLE and v != stored[k]]
+  if conflicts:
+    raise UserError(
+        f"--init_from: the config's model section conflicts with the checkpoint's model: "
+        f"{', '.join(conflicts)}; the model comes from the checkpoint: drop these fields "
+        f"from the config (only {', '.join(INIT_OVERRIDABLE)} may differ)")
+  return {**stored, **{k: model[k] for k in INIT_OVERRIDABLE if k in model}}
 
 
 def _build(cls, fields: dict[str, Any], section: str):

@@ -1,4 +1,4 @@
-"""Input pipeline: text corpora, tokenization, seeded training batches and eval windows.
+"""Input pipeline: corpora, tokenization, training batches, eval windows, checkpoints' eval text.
 
 Shapes: NB eval batches, B batch, S sequence length (seq_len), W = S + 1 window length,
 L tokens in a split.
@@ -446,3 +446,108 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int) -> EvalBatch
   targets_NBS = padded[1:].reshape(shape)
   mask_NBS = (np.arange(total) < num_targets).astype(np.float32).reshape(shape)
   return EvalBatches(inputs=inputs_NBS, targets=targets_NBS, mask=mask_NBS)
+
+
+# ----------------------------------------------------------------------------------------
+# A checkpoint's evaluation text (what sweeps, calibration and probe studies read).
+
+# Window length for a checkpoint without a training run (an imported model), capped by
+# the model's max_len.
+DEFAULT_EVAL_SEQ_LEN = 512
+DEFAULT_EVAL_BATCH_SIZE = 8
+EVAL_PARTS = ("validation", "after_validation")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalText:
+  """A checkpoint's evaluation text, tokenized and cut into windows.
+
+  Attributes:
+    batches: the windows (`eval_batches`).
+    description: where the text came from, one line (which characters of which file).
+    seq_len, batch_size: the window length S and batch size B used.
+    skip_chars: characters skipped at the start of the text (probe studies).
+  """
+
+  batches: EvalBatches
+  description: str
+  seq_len: int
+  batch_size: int
+  skip_chars: int = 0
+
+
+def evaluation_text(ckpt: Any, *, part: str = "validation", text_file: str | None = None,
+                    skip_chars: int | None = None, seq_len: int | None = None,
+                    batch_size: int | None = None, data_dir: str | None = None) -> EvalText:
+  """The text a checkpoint is evaluated on, tokenized with its tokenizer, in windows.
+
+  From the run's configured validation split (`ckpt.experiment["data"]`):
+    part="validation": its first data.val_chars characters (what chose the checkpoint;
+      what `deepexit-sweep` and calibration evaluate);
+    part="after_validation": the characters after the first `skip_chars` (default
+      data.val_chars, 0 if the run used the whole split): the probe study's text, so a
+      probe fitted on it and then swept is scored on text it never saw.
+  From `text_file` (any checkpoint, and the only source for one without a training run,
+  e.g. an imported Hugging Face model): the whole UTF-8 file after its first `skip_chars`
+  (default 0) characters, whatever `part` says.
+
+  Args:
+    ckpt: a loaded `checkpoint.Checkpoint` (model, tokenizer, experiment).
+    part: "validation" or "after_validation" (see above).
+    text_file: a UTF-8 text file to evaluate on instead of the run's validation split.
+    skip_chars: see above.
+    seq_len: window length; None: the run's data.seq_len, or for a checkpoint without a
+      run min(`DEFAULT_EVAL_SEQ_LEN`, the model's max_len).
+    batch_size: windows per batch; None: the run's data.batch_size, or
+      `DEFAULT_EVAL_BATCH_SIZE`.
+    data_dir: overrides the run's data.data_dir.
+
+  Raises:
+    UserError: no tokenizer; no training run and no `text_file`; too short a text; bad
+      sizes.
+  """
+  validation.check_choice("part", part, EVAL_PARTS)
+  run_data = dict(ckpt.experiment["data"]) if ckpt.experiment is not None else None
+  if ckpt.tokenizer is None:
+    raise UserError(f"{ckpt.path} has no tokenizer.json: evaluate the --workdir of a "
+                    "deepexit-train run or a Hugging Face directory with its tokenizer.json")
+  if run_data is None and text_file is None:
+    raise UserError(f"{ckpt.path} has no training run (no validation text in a config.json): "
+                    "pass --text_file=PATH, a UTF-8 text file to evaluate on")
+  if seq_len is None:
+    seq_len = (run_data["seq_len"] if run_data is not None
+               else min(DEFAULT_EVAL_SEQ_LEN, ckpt.model.config.max_len))
+  if batch_size is None:
+    batch_size = run_data["batch_size"] if run_data is not None else DEFAULT_EVAL_BATCH_SIZE
+  validation.check_int("seq_len", seq_len, 1)
+  validation.check_int("batch_size", batch_size, 1)
+  if seq_len > ckpt.model.config.max_len:
+    raise UserError(f"seq_len={seq_len} exceeds the model's max_len="
+                    f"{ckpt.model.config.max_len}: pass a smaller --seq_len")
+  if skip_chars is not None:
+    validation.check_int("skip_chars", skip_chars, 0)
+  if text_file is not None:
+    path = os.path.expanduser(text_file)
+    full = read_text_file(path, "pass --text_file=PATH to an existing UTF-8 text file")
+    skip = skip_chars or 0
+    text = full[skip:]
+    description = f"text file {path}, characters {skip:,}..{len(full):,}"
+  else:
+    if data_dir:
+      run_data["data_dir"] = data_dir
+    if part == "validation":
+      # The first data.val_chars characters, exactly what training evaluated.
+      corpus = load_corpus(DataConfig.from_dict(run_data))
+      skip, text, description = 0, corpus.val_text, corpus.description
+    else:
+      skip = (run_data.get("val_chars") or 0) if skip_chars is None else skip_chars
+      corpus = load_corpus(DataConfig.from_dict({**run_data, "val_chars": None}))
+      text = corpus.val_text[skip:]
+      description = (f"{corpus.description}; validation characters {skip:,}.."
+                     f"{len(corpus.val_text):,}")
+  tokens = ckpt.tokenizer.encode(text)
+  if len(tokens) < 2:
+    raise UserError(f"the evaluation text ({description}) has {len(tokens)} token(s), "
+                    "fewer than 2: pass a longer text or a smaller --skip_chars")
+  return EvalText(batches=eval_batches(tokens, seq_len, batch_size), description=description,
+                  seq_len=int(seq_len), batch_size=int(batch_size), skip_chars=skip)

@@ -291,11 +291,11 @@ def pareto_front(rows: Sequence[SweepRow], key: str = "flops_fraction") -> list[
 
 @dataclasses.dataclass
 class LoadedRun:
-  """A trained checkpoint and its validation text, as the sweep evaluates it.
+  """A checkpoint and its evaluation text, as the sweep evaluates it.
 
   Attributes:
     checkpoint: the loaded `checkpoint.Checkpoint` (best parameters, tokenizer, config).
-    batches: the validation text cut into evaluation windows (`data.eval_batches`).
+    batches: the evaluation text cut into windows (`data.eval_batches`).
     data_description: where the text came from.
   """
 
@@ -304,23 +304,22 @@ class LoadedRun:
   data_description: str
 
 
-def load_run(checkpoint_dir: str, data_dir: str | None = None) -> LoadedRun:
-  """Loads a `deepexit-train` workdir and cuts its validation text into windows.
+def load_run(checkpoint_dir: str, data_dir: str | None = None, *,
+             text_file: str | None = None, seq_len: int | None = None,
+             batch_size: int | None = None) -> LoadedRun:
+  """Loads a checkpoint and cuts its evaluation text into windows (`data.evaluation_text`).
 
   Args:
-    checkpoint_dir: the run's --workdir (its config.json names the data).
+    checkpoint_dir: a `deepexit-train` workdir (its config.json names the data) or a
+      Hugging Face directory (then `text_file` is required).
     data_dir: overrides the run's data.data_dir (e.g. a local dataset copy).
+    text_file, seq_len, batch_size: see `data.evaluation_text` (default: the run's first
+      data.val_chars validation characters, in its seq_len x batch_size windows).
   """
   ckpt = checkpoint.load_checkpoint(checkpoint_dir)
-  if ckpt.experiment is None or ckpt.tokenizer is None:
-    raise UserError(f"{checkpoint_dir} lacks config.json/tokenizer.json: sweep the --workdir "
-                    "of a deepexit-train run")
-  data_cfg = dict(ckpt.experiment["data"])
-  if data_dir:
-    data_cfg["data_dir"] = data_dir
-  dataset = data.prepare_dataset(data.DataConfig.from_dict(data_cfg), tokenizer=ckpt.tokenizer)
-  batches = data.eval_batches(dataset.val_tokens, data_cfg["seq_len"], data_cfg["batch_size"])
-  return LoadedRun(ckpt, batches, dataset.corpus.description)
+  text = data.evaluation_text(ckpt, text_file=text_file, seq_len=seq_len,
+                              batch_size=batch_size, data_dir=data_dir)
+  return LoadedRun(ckpt, text.batches, text.description)
 
 
 def run_sweep(checkpoint_dir: str, thresholds: np.ndarray, *,
@@ -329,13 +328,16 @@ def run_sweep(checkpoint_dir: str, thresholds: np.ndarray, *,
               static_dirs: Sequence[str] = (), data_dir: str | None = None,
               probe: Any = None, routing: str = "token", seq_quantile: float = 1.0,
               threshold_decay: float = 0.0,
-              threshold_decay_form: str = "exponential") -> SweepReport:
+              threshold_decay_form: str = "exponential", text_file: str | None = None,
+              seq_len: int | None = None, batch_size: int | None = None) -> SweepReport:
   """Loads a trained checkpoint and sweeps thresholds over its validation text.
 
   Args:
-    checkpoint_dir: a `deepexit-train` workdir (its config.json names the data).
+    checkpoint_dir: a `deepexit-train` workdir (its config.json names the data) or a
+      Hugging Face directory (with `text_file`).
     thresholds: [S] thresholds (`parse_thresholds`).
-    exit_layers: 1-based exit layers; None uses the run's configured ones.
+    exit_layers: 1-based exit layers; None: `checkpoint.Checkpoint.exit_layers` (the
+      run's configured ones; every layer for a model without a training run).
     measure: confidence measure.
     kv_policies: KV policies to sweep, each giving its own rows.
     static_dirs: workdirs of static-depth baselines on the same data.
@@ -343,14 +345,16 @@ def run_sweep(checkpoint_dir: str, thresholds: np.ndarray, *,
     probe: a confidence probe for measure "probe".
     routing, seq_quantile, threshold_decay, threshold_decay_form: token or sequence
       routing and the position-dependent threshold, as in `predict_with_exit`.
+    text_file, seq_len, batch_size: the evaluation text (`data.evaluation_text`).
 
   Returns:
     A `SweepReport`.
   """
-  run = load_run(checkpoint_dir, data_dir)
+  run = load_run(checkpoint_dir, data_dir, text_file=text_file, seq_len=seq_len,
+                 batch_size=batch_size)
   ckpt, model, batches = run.checkpoint, run.checkpoint.model, run.batches
   n = model.config.num_layers
-  exit_layers = tuple(exit_layers or ckpt.experiment["exit_layers"])
+  exit_layers = tuple(exit_layers or ckpt.exit_layers)
 
   # Full depth checks no exit, so it pays for no exit head but the last.
   full = sweep_thresholds(model, batches, np.array([np.inf], np.float32),

@@ -23,7 +23,7 @@ from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto import event_pb2, summary_pb2
 
 from deepexit_jax import checkpoint, data, losses, parallel, tokenizers, xla_options
-from deepexit_jax.config import ExperimentConfig, TrainConfig
+from deepexit_jax.config import INIT_OVERRIDABLE, ExperimentConfig, TrainConfig
 from deepexit_jax.errors import UserError
 from deepexit_jax.losses import deep_supervision_loss, resolve_loss_weights, token_nll
 from deepexit_jax.model import DeepSupervisionTransformer, create_model
@@ -200,11 +200,26 @@ def layer_keep_mask(key: jax.Array, rates_N: np.ndarray, batch: int) -> jax.Arra
 class Trainer:
   """Jitted training and evaluation steps for one experiment config."""
 
-  def __init__(self, config: ExperimentConfig, total_steps: int):
+  def __init__(self, config: ExperimentConfig, total_steps: int,
+               initial_params: dict[str, Any] | None = None):
+    """Sets up the steps and the initial state.
+
+    Args:
+      config: the experiment.
+      total_steps: the schedule's length.
+      initial_params: parameters to start from (`checkpoint.pure_params` of a model of
+        `config.model`'s architecture, e.g. an imported one); None: a fresh
+        initialisation seeded by train.seed.
+    """
     self.config = config
     self.weights_np = resolve_loss_weights(config.loss_weights, config.model.num_layers)
-    model = create_model(config.model, seed=config.train.seed)
+    if initial_params is None:
+      model = create_model(config.model, seed=config.train.seed)
+    else:
+      model = checkpoint.abstract_model(config.model)
     self.graphdef, params = nnx.split(model)
+    if initial_params is not None:
+      nnx.replace_by_pure_dict(params, initial_params)
     self.tx = make_optimizer(config.train, total_steps)
     self.schedule = learning_rate_schedule(config.train, total_steps)
     self.mesh = parallel.data_mesh(config.train.num_devices)
@@ -438,8 +453,28 @@ class MetricsLog:
       self._events = None
 
 
+def _initial_checkpoint(config: ExperimentConfig, init_from: str) -> checkpoint.Checkpoint:
+  """The checkpoint a run starts from, checked against the run's model config."""
+  ckpt = checkpoint.load_checkpoint(init_from)
+  stored, wanted = ckpt.model.config.to_dict(), config.model.to_dict()
+  conflicts = [f"{k}={wanted[k]!r} (checkpoint: {stored[k]!r})" for k in stored
+               if k not in INIT_OVERRIDABLE and stored[k] != wanted[k]]
+  if conflicts:
+    raise UserError(f"--init_from={init_from}: the config's model differs from the "
+                    f"checkpoint's: {', '.join(conflicts)}; build the config with "
+                    "ExperimentConfig.from_dict(..., init_model=...) (deepexit-train does)")
+  if ckpt.tokenizer is None:
+    raise UserError(f"--init_from={init_from} has no tokenizer.json: continued training "
+                    "needs the tokenizer the model was trained with")
+  if ckpt.tokenizer.vocab_size > config.model.vocab_size:
+    raise UserError(f"--init_from={init_from}: its tokenizer has {ckpt.tokenizer.vocab_size} "
+                    f"ids but the model only {config.model.vocab_size}: the directory's "
+                    "tokenizer.json belongs to another model")
+  return ckpt
+
+
 def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
-          stop_at_step: int | None = None) -> TrainResult:
+          init_from: str | None = None, stop_at_step: int | None = None) -> TrainResult:
   """Trains a deep-supervision model, evaluating and checkpointing as configured.
 
   Args:
@@ -450,6 +485,11 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
       `train.checkpoint_every` steps and at the end).
     resume: continue from workdir/latest; the continuation equals an
       uninterrupted run (same data order, dropout keys and schedule).
+    init_from: start from this checkpoint's weights and tokenizer (a `deepexit-train`
+      workdir or a Hugging Face directory) instead of a fresh initialisation;
+      `config.model` must be its model (`ExperimentConfig.from_dict(d,
+      init_model=checkpoint.read_model_config(init_from))`). A resumed run continues
+      from workdir/latest instead.
     stop_at_step: stop (after checkpointing) once this step is reached, as if
       the run were killed there; used to test resumption.
 
@@ -467,7 +507,7 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
   if has_state and not resume:
     raise UserError(f"{workdir} already holds a training run: pass --resume to continue it "
                     "or choose a new --workdir")
-  tokenizer = None
+  tokenizer, initial_params = None, None
   config_path = os.path.join(workdir, checkpoint.CONFIG_JSON)
   if resume and has_state:
     stored = checkpoint.read_json(config_path)
@@ -486,8 +526,13 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
     tokenizer = tokenizers.load_tokenizer(
         os.path.join(workdir, checkpoint.TOKENIZER_JSON))
 
+  if init_from and not (resume and has_state):
+    init = _initial_checkpoint(config, init_from)
+    tokenizer, initial_params = init.tokenizer, checkpoint.pure_params(init.model)
+    logging.info("starting from the weights of %s (step %d)", init.path, init.step)
   dataset = data.prepare_dataset(config.data, tokenizer=tokenizer)
-  config = config.with_vocab_size(dataset.tokenizer.vocab_size)
+  if not init_from:  # A started model keeps its vocabulary (>= its tokenizer's).
+    config = config.with_vocab_size(dataset.tokenizer.vocab_size)
   batches = data.TrainBatches(dataset.train_tokens, config.data.seq_len,
                               config.data.batch_size, config.train.seed)
   eval_batches = data.eval_batches(dataset.val_tokens, config.data.seq_len,
@@ -502,7 +547,8 @@ def train(config: ExperimentConfig, workdir: str, *, resume: bool = False,
   if parallel.is_primary():
     tokenizers.save_tokenizer(dataset.tokenizer, os.path.join(workdir, checkpoint.TOKENIZER_JSON))
 
-  trainer = Trainer(config, total_steps)
+  trainer = Trainer(config, total_steps, initial_params=initial_params)
+  del initial_params  # The trainer's state holds them (replicated).
   state = trainer.initial_state
   best: dict[str, Any] = {}
   history: list[dict[str, Any]] = []

@@ -9,9 +9,12 @@ import sys
 import pytest
 
 _TRAIN = ["--config", "--workdir", "--[no]resume"]
-_SWEEP = ["--checkpoint", "--thresholds", "--kv_policy", "--[no]calibrate"]
-_PROBE = ["--checkpoint", "--balance"]
-_GENERATE = ["--checkpoint", "--prompt", "--[no]speculative", "--draft_layer", "--probe"]
+_SWEEP = ["--checkpoint", "--hf_checkpoint", "--thresholds", "--kv_policy", "--[no]calibrate",
+          "--text_file", "--seq_len", "--batch_size"]
+_PROBE = ["--checkpoint", "--hf_checkpoint", "--balance", "--text_file", "--seq_len",
+          "--batch_size"]
+_GENERATE = ["--checkpoint", "--hf_checkpoint", "--prompt", "--[no]speculative",
+             "--draft_layer", "--probe"]
 
 
 @pytest.mark.parametrize("module, own_flags", [

@@ -145,7 +145,8 @@ def generate_text(checkpoint_dir: str, prompt: str, max_new_tokens: int, thresho
     prompt: the text to continue (at least one character the tokenizer knows).
     max_new_tokens: tokens to generate.
     threshold: confidence threshold (`inf` = never exit).
-    exit_layers: 1-based exit layers; None uses the run's configured ones (or layer N).
+    exit_layers: 1-based exit layers; None: `checkpoint.Checkpoint.exit_layers` (the run's
+      configured ones; every layer for a checkpoint without a training run).
     batch: decode this many copies of the prompt at once (a throughput figure; with
       sampling the rows differ).
     baseline: also time the full-depth decode of the same prompt.
@@ -164,7 +165,7 @@ def generate_text(checkpoint_dir: str, prompt: str, max_new_tokens: int, thresho
     kwargs["probe"] = probes.load_probe(kwargs["probe"], model.config)
     kwargs["measure"] = "probe"
   if exit_layers is None:
-    exit_layers = tuple((ckpt.experiment or {}).get("exit_layers", (n,)))
+    exit_layers = ckpt.exit_layers
 
   def call(layers):
     return lambda: generate(model, prompt_BP, max_new_tokens, threshold, exit_layers=layers,

@@ -16,12 +16,17 @@ from absl import flags
 from deepexit_jax import checkpoint, cli, decoding
 from deepexit_jax.errors import UserError
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir of a deepexit-train run.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir of a deepexit-train run (or "
+                                  "a Hugging Face directory).")
+_HF_CHECKPOINT = flags.DEFINE_string("hf_checkpoint", None, "A Hugging Face checkpoint "
+                                     "directory (config.json + *.safetensors + "
+                                     "tokenizer.json); instead of --checkpoint.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate.")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.9, "Confidence threshold (inf = never exit).")
 _EXIT_LAYERS = flags.DEFINE_list("exit_layers", None, "1-based exit layers (default: the "
-                                 "run's configured exit_layers).")
+                                 "run's configured exit_layers; every layer for a Hugging "
+                                 "Face checkpoint).")
 _MEASURE = flags.DEFINE_enum("measure", "softmax", list(decoding.MEASURES),
                              "Confidence measure.")
 _KV_POLICY = flags.DEFINE_enum("kv_policy", "copy", list(decoding.KV_POLICIES), "KV policy of "
@@ -45,22 +50,23 @@ _DRAFT_THRESHOLD = flags.DEFINE_float("draft_threshold", None, "--speculative: s
                                       "when its confidence (--measure) falls below this.")
 
 
-def _draft_layer(exit_layers: Sequence[int] | None) -> int:
+def _draft_layer(ckpt_dir: str, exit_layers: Sequence[int] | None) -> int:
   """--draft_layer, or the run's first exit layer below N."""
   if _DRAFT_LAYER.value is not None:
     return _DRAFT_LAYER.value
-  meta = checkpoint.load_checkpoint(_CHECKPOINT.value)
+  meta = checkpoint.load_checkpoint(ckpt_dir)
   n = meta.model.config.num_layers
-  below = [k for k in (exit_layers or (meta.experiment or {}).get("exit_layers", ())) if k < n]
+  below = [k for k in (exit_layers or meta.exit_layers) if k < n]
   if not below:
     raise UserError("--speculative needs --draft_layer (the run has no exit layer below "
                     f"its {n} layers)")
   return below[0]
 
 
-def _speculative(exit_layers: Sequence[int] | None) -> None:
+def _speculative(ckpt_dir: str, exit_layers: Sequence[int] | None) -> None:
   gen = decoding.speculative_text(
-      _CHECKPOINT.value, _PROMPT.value, _MAX_NEW.value, draft_layer=_draft_layer(exit_layers),
+      ckpt_dir, _PROMPT.value, _MAX_NEW.value,
+      draft_layer=_draft_layer(ckpt_dir, exit_layers),
       batch=_BATCH.value, draft_len=_DRAFT_LEN.value, temperature=_TEMPERATURE.value,
       top_k=_TOP_K.value, rng=jax.random.key(_SEED.value),
       draft_threshold=_DRAFT_THRESHOLD.value, draft_measure=_MEASURE.value)
@@ -81,8 +87,7 @@ def _speculative(exit_layers: Sequence[int] | None) -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv  # Stray arguments are refused by `cli.run_main`.
-  if not _CHECKPOINT.value:
-    raise UserError("--checkpoint is required: the --workdir of a deepexit-train run")
+  ckpt_dir = cli.checkpoint_dir(_CHECKPOINT.value, _HF_CHECKPOINT.value)
   if _PROMPT.value is None:
     raise UserError("--prompt is required: the text to continue")
   try:
@@ -92,10 +97,10 @@ def main(argv: Sequence[str]) -> None:
                     ) from None
   cli.log_devices()
   if _SPECULATIVE.value:
-    _speculative(layers)
+    _speculative(ckpt_dir, layers)
     return
   gen = decoding.generate_text(
-      _CHECKPOINT.value, _PROMPT.value, _MAX_NEW.value, _THRESHOLD.value, exit_layers=layers,
+      ckpt_dir, _PROMPT.value, _MAX_NEW.value, _THRESHOLD.value, exit_layers=layers,
       batch=_BATCH.value, baseline=_BASELINE.value, measure=_MEASURE.value,
       kv_policy=_KV_POLICY.value, batch_exit=_BATCH_EXIT.value, temperature=_TEMPERATURE.value,
       top_k=_TOP_K.value, rng=jax.random.key(_SEED.value), probe=_PROBE.value)

@@ -3,6 +3,8 @@
 Usage:
   deepexit-sweep --checkpoint=/tmp/ref --thresholds=0:1:0.1 [--static=/tmp/static2]
   deepexit-sweep --checkpoint=/tmp/ref --calibrate --delta=0.05
+  deepexit-sweep --hf_checkpoint=ckpt/layerskip-llama3.2-1B --text_file=pages.txt \
+      --exit_layers=4,8 --kv_policy=copy
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ from absl import flags
 from deepexit_jax import calibration, checkpoint, cli, exits, probes, report, sweep
 from deepexit_jax.errors import UserError
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir of a deepexit-train run.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir of a deepexit-train run (or "
+                                  "a Hugging Face directory).")
+_HF_CHECKPOINT = flags.DEFINE_string("hf_checkpoint", None, "A Hugging Face checkpoint "
+                                     "directory (config.json + *.safetensors + "
+                                     "tokenizer.json); instead of --checkpoint.")
 _THRESHOLDS = flags.DEFINE_string("thresholds", "0:1:0.1",
                                   "start:stop:step (inclusive) or a comma list.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default CHECKPOINT/sweep).")
 _EXIT_LAYERS = flags.DEFINE_list("exit_layers", None, "1-based exit layers (default: the "
-                                 "run's configured exit_layers).")
+                                 "run's configured exit_layers; every layer for a Hugging "
+                                 "Face checkpoint).")
 _MEASURE = flags.DEFINE_enum("measure", "softmax", list(exits.MEASURES[:-1]),
                              "Confidence measure.")
 _ROUTING = flags.DEFINE_enum("routing", "token", list(exits.ROUTINGS),
@@ -58,6 +65,13 @@ _SPLITS = flags.DEFINE_integer("coverage_splits", 100, "--calibrate: random "
 _KV_POLICY = flags.DEFINE_list("kv_policy", ["oracle", "copy"], "KV policies to sweep.")
 _STATIC = flags.DEFINE_list("static", [], "Workdirs of static-depth baselines.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Override the run's data.data_dir.")
+_TEXT_FILE = flags.DEFINE_string("text_file", None, "UTF-8 text file to evaluate on instead "
+                                 "of the run's validation text (required for a Hugging Face "
+                                 "checkpoint, which has no training run).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Evaluation window length (default: the "
+                                "run's data.seq_len; without a run min(512, model max_len)).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Evaluation windows per batch "
+                                   "(default: the run's data.batch_size; without a run 8).")
 _OVERLAY = flags.DEFINE_string("overlay", None, "JSON of reference points to overlay.")
 _PROBE = flags.DEFINE_string("probe", None, "Directory of a saturation probe saved by "
                              "deepexit-probe (e.g. OUT/probes/best); sets the measure "
@@ -84,8 +98,7 @@ def _calibration_thresholds(negative: bool) -> np.ndarray | None:
 
 def main(argv: Sequence[str]) -> None:
   del argv  # Stray arguments are refused by `cli.run_main`.
-  if not _CHECKPOINT.value:
-    raise UserError("--checkpoint is required: the --workdir of a deepexit-train run")
+  ckpt_dir = cli.checkpoint_dir(_CHECKPOINT.value, _HF_CHECKPOINT.value)
   for p in _KV_POLICY.value:
     if p not in exits.KV_POLICIES:
       raise UserError(f"--kv_policy={p!r}: choose from {', '.join(exits.KV_POLICIES)}")
@@ -101,25 +114,26 @@ def main(argv: Sequence[str]) -> None:
   overlay = sweep.load_overlay(_OVERLAY.value) if _OVERLAY.value else ()
   probe, measure = None, _MEASURE.value
   if _PROBE.value:
-    probe = probes.load_probe(_PROBE.value, checkpoint.read_model_config(_CHECKPOINT.value))
+    probe = probes.load_probe(_PROBE.value, checkpoint.read_model_config(ckpt_dir))
     measure = "probe"
   routing = dict(routing=_ROUTING.value, seq_quantile=_SEQ_QUANTILE.value,
                  threshold_decay=_DECAY.value, threshold_decay_form=_DECAY_FORM.value)
-  result = sweep.run_sweep(_CHECKPOINT.value, thresholds, exit_layers=exit_layers,
+  text = dict(data_dir=_DATA_DIR.value, text_file=_TEXT_FILE.value, seq_len=_SEQ_LEN.value,
+              batch_size=_BATCH_SIZE.value)
+  result = sweep.run_sweep(ckpt_dir, thresholds, exit_layers=exit_layers,
                            measure=measure, kv_policies=_KV_POLICY.value,
-                           static_dirs=_STATIC.value, data_dir=_DATA_DIR.value, probe=probe,
-                           **routing)
+                           static_dirs=_STATIC.value, probe=probe, **routing, **text)
   if _PROBE.value:
     result.metadata["probe"] = os.path.abspath(_PROBE.value)
   calibrated = None
   if cal_thresholds is not None:
     calibrated = calibration.run_calibration(
-        _CHECKPOINT.value, cal_thresholds, delta=_DELTA.value, epsilon=_EPSILON.value,
+        ckpt_dir, cal_thresholds, delta=_DELTA.value, epsilon=_EPSILON.value,
         consistency=_CONSISTENCY.value, unit=_UNIT.value, bound=_BOUND.value,
         fraction=_FRACTION.value, seed=_CAL_SEED.value, splits=_SPLITS.value,
         exit_layers=exit_layers, measure=measure, kv_policy=_CAL_POLICY.value,
-        probe=probe, data_dir=_DATA_DIR.value, **routing)
-  out = _OUT.value or os.path.join(_CHECKPOINT.value, "sweep")
+        probe=probe, **routing, **text)
+  out = _OUT.value or os.path.join(ckpt_dir, "sweep")
   paths = report.write_report(result, out, overlay, calibrated)
   print(report.markdown(result, calibrated))
   print("wrote " + ", ".join(paths.values()))

@@ -203,45 +203,34 @@ def collect(model: DeepSupervisionTransformer, batches: data.EvalBatches, num_to
 
 
 def text_batches(checkpoint_dir: str, *, skip_chars: int | None = None,
-                 data_dir: str | None = None) -> tuple[Any, data.EvalBatches, dict[str, Any]]:
-  """The checkpoint's model and the validation text the probe study reads.
+                 data_dir: str | None = None, text_file: str | None = None,
+                 seq_len: int | None = None, batch_size: int | None = None
+                 ) -> tuple[Any, data.EvalBatches, dict[str, Any]]:
+  """The checkpoint's model and the text the probe study reads (`data.evaluation_text`).
 
   The text is the checkpoint's validation split AFTER its first `data.val_chars`
   characters (which chose the checkpoint and which `deepexit-sweep` evaluates), so a
-  probe fitted here and then swept is scored on text it never saw.
+  probe fitted here and then swept is scored on text it never saw; or `text_file`
+  (required for a checkpoint without a training run, e.g. a Hugging Face directory).
 
   Args:
-    checkpoint_dir: a `deepexit-train` workdir.
-    skip_chars: characters of the validation split to skip; None: the run's
-      data.val_chars (0 if it used the whole split).
+    checkpoint_dir: a `deepexit-train` workdir or a Hugging Face directory.
+    skip_chars: characters of the text to skip; None: the run's data.val_chars (0 if it
+      used the whole split), or 0 for `text_file`.
     data_dir: overrides the run's data.data_dir.
+    text_file, seq_len, batch_size: see `data.evaluation_text`.
 
   Returns:
     (the loaded `checkpoint.Checkpoint`, evaluation batches, metadata).
   """
   ckpt = checkpoint.load_checkpoint(checkpoint_dir)
-  if ckpt.experiment is None or ckpt.tokenizer is None:
-    raise UserError(f"{checkpoint_dir} lacks config.json/tokenizer.json: pass the --workdir "
-                    "of a deepexit-train run")
-  data_cfg = dict(ckpt.experiment["data"])
-  if data_dir:
-    data_cfg["data_dir"] = data_dir
-  skip = (data_cfg.get("val_chars") or 0) if skip_chars is None else int(skip_chars)
-  if skip < 0:
-    raise UserError(f"skip_chars={skip} must be >= 0")
-  data_cfg["val_chars"] = None
-  corpus = data.load_corpus(data.DataConfig.from_dict(data_cfg))
-  text = corpus.val_text[skip:]
-  tokens = ckpt.tokenizer.encode(text)
-  if len(tokens) < 2:
-    raise UserError(f"the validation text has {len(corpus.val_text):,} characters, none left "
-                    f"after skipping {skip:,}: pass a smaller --skip_chars")
-  batches = data.eval_batches(tokens, data_cfg["seq_len"], data_cfg["batch_size"])
+  text = data.evaluation_text(ckpt, part="after_validation", text_file=text_file,
+                              skip_chars=skip_chars, seq_len=seq_len, batch_size=batch_size,
+                              data_dir=data_dir)
   meta = {"checkpoint": checkpoint_dir, "checkpoint_abspath": ckpt.path, "step": ckpt.step,
-          "text": f"{corpus.description}; validation characters {skip:,}.."
-                  f"{len(corpus.val_text):,}", "skip_chars": skip,
-          "seq_len": data_cfg["seq_len"], "model": ckpt.model.config.to_dict()}
-  return ckpt, batches, meta
+          "text": text.description, "skip_chars": text.skip_chars, "seq_len": text.seq_len,
+          "model": ckpt.model.config.to_dict()}
+  return ckpt, text.batches, meta
 
 
 # ----------------------------------------------------------------------------------------

@@ -265,11 +265,14 @@ def run_probes(checkpoint_dir: str, out_dir: str, *, tokens: int = DEFAULT_TOKEN
                balance: Sequence[bool] = (False, True), fit_fraction: float = 0.75,
                fit: FitConfig = FitConfig(),  # noqa: B008 (frozen)
                exit_label: str = "final", top_k: int = 5,
-               skip_chars: int | None = None, data_dir: str | None = None) -> ProbeStudy:
+               skip_chars: int | None = None, data_dir: str | None = None,
+               text_file: str | None = None, seq_len: int | None = None,
+               batch_size: int | None = None) -> ProbeStudy:
   """Collects (or reloads), fits, scores, writes the reports and saves the probes.
 
   Args:
-    checkpoint_dir: a `deepexit-train` workdir.
+    checkpoint_dir: a `deepexit-train` workdir or a Hugging Face directory (with
+      `text_file`).
     out_dir: receives probe.md/csv/json/png.
     tokens: token budget M of validation text.
     probe_dir: where the fitted probes go (`<label>/<predictor>/` and `best/`);
@@ -278,7 +281,7 @@ def run_probes(checkpoint_dir: str, out_dir: str, *, tokens: int = DEFAULT_TOKEN
       checkpoint, text and budget, else (re)written. None: OUT/collection.npz.
     labels, predictors, balance, fit_fraction, fit, exit_label: see `run_study`.
     top_k: ranks kept per layer.
-    skip_chars, data_dir: see `text_batches`.
+    skip_chars, data_dir, text_file, seq_len, batch_size: see `text_batches`.
 
   Returns:
     The `ProbeStudy` (its probes are saved under `probe_dir`).
@@ -286,7 +289,9 @@ def run_probes(checkpoint_dir: str, out_dir: str, *, tokens: int = DEFAULT_TOKEN
   checkpoint.ensure_writable(out_dir)
   probe_dir = probe_dir or os.path.join(out_dir, "probes")
   collection_path = collection_path or os.path.join(out_dir, "collection.npz")
-  ckpt, batches, meta = text_batches(checkpoint_dir, skip_chars=skip_chars, data_dir=data_dir)
+  ckpt, batches, meta = text_batches(checkpoint_dir, skip_chars=skip_chars, data_dir=data_dir,
+                                     text_file=text_file, seq_len=seq_len,
+                                     batch_size=batch_size)
   meta.update(tokens=int(tokens), top_k=int(top_k),
               params_sha256=checkpoint.params_digest(ckpt.model))
   col = None

@@ -29,7 +29,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from deepexit_jax import checkpoint, cli, data, report, sweep
+from deepexit_jax import cli, report, sweep
 from deepexit_jax.checkpoint import read_json
 from deepexit_jax.config import ExperimentConfig, load_config_file
 from deepexit_jax.sweep import SweepRow, pareto_front
@@ -136,10 +136,8 @@ def _sweep_rows(run: Run) -> list[SweepRow]:
   exits = tuple(run.config().exit_layers)
   main = sweep.run_sweep(run.workdir(), THRESHOLDS, exit_layers=exits, kv_policies=POLICIES)
   rows = [r for r in main.rows if r.kind in ("full", "threshold")]
-  ckpt = checkpoint.load_checkpoint(run.workdir())
-  dcfg = data.DataConfig.from_dict(ckpt.experiment["data"])
-  batches = data.eval_batches(data.prepare_dataset(dcfg, tokenizer=ckpt.tokenizer).val_tokens,
-                              dcfg.seq_len, dcfg.batch_size)
+  loaded = sweep.load_run(run.workdir())  # The same validation windows as the sweep's.
+  ckpt, batches = loaded.checkpoint, loaded.batches
   for k in exits:
     for policy in POLICIES:
       # Softmax confidence is >= 0: threshold 0 exits every token at its one exit layer.
