@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Any
 
@@ -32,7 +31,14 @@ from flax import nnx
 
 from deepexit_jax import tokenizers
 from deepexit_jax.errors import UserError
-from deepexit_jax.model import DeepSupervisionTransformer, ModelConfig, create_model
+from deepexit_jax.files import ensure_writable, read_json, write_json
+from deepexit_jax.model import (
+  DeepSupervisionTransformer,
+  ModelConfig,
+  abstract_model,
+  pure_params,
+)
+from deepexit_jax.pretrained import architectures, hf_directory
 
 MODEL_JSON = "model.json"
 TOKENIZER_JSON = "tokenizer.json"
@@ -48,44 +54,6 @@ def manager(path: str) -> ocp.CheckpointManager:
   handlers = {"params": ocp.StandardCheckpointHandler(),
               "opt_state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(os.path.abspath(path), options=options, item_handlers=handlers)
-
-
-def ensure_writable(directory: str) -> None:
-  """Creates `directory` or raises a one-line UserError saying why it cannot."""
-  try:
-    os.makedirs(directory, exist_ok=True)
-    probe = os.path.join(directory, f".write_test.{jax.process_index()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(
-        f"cannot write to directory {directory} ({e.strerror}): choose a writable --workdir/--out"
-    ) from None
-
-
-def write_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (temporary file + rename), so a kill never leaves half a file.
-
-  On several hosts only process 0 writes (orbax coordinates the checkpoints).
-  """
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
-def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
-
-
-def pure_params(model: nnx.Module) -> dict:
-  """The model's parameters as a plain nested dict of arrays (what orbax stores)."""
-  return nnx.state(model, nnx.Param).to_pure_dict()
 
 
 def write_model_config(directory: str, config: ModelConfig) -> None:
@@ -139,8 +107,6 @@ def read_model_config(directory: str) -> ModelConfig:
   """The `ModelConfig` of a checkpoint directory (ours, or a Hugging Face one)."""
   path = os.path.join(directory, MODEL_JSON)
   if not os.path.exists(path) and _is_hf(directory):
-    from deepexit_jax.pretrained import architectures, hf_directory
-
     hf_path = os.path.join(directory, hf_directory.CONFIG_JSON)
     return architectures.model_config(hf_directory.read_config(directory), hf_path)
   if not os.path.exists(path):
@@ -148,11 +114,6 @@ def read_model_config(directory: str) -> ModelConfig:
         f"{directory} is not a deepexit checkpoint (no {MODEL_JSON}): pass the --workdir of a "
         "deepexit-train run or a directory written by save_model")
   return ModelConfig(**read_json(path))
-
-
-def abstract_model(config: ModelConfig) -> DeepSupervisionTransformer:
-  """The model's structure with shape-only parameters (no initialisation cost)."""
-  return nnx.eval_shape(lambda: create_model(config))
 
 
 def restore_params(mgr: ocp.CheckpointManager, step: int, target: Any, what: str,
@@ -213,9 +174,18 @@ class Checkpoint:
 
 
 def _is_hf(directory: str) -> bool:
-  from deepexit_jax.pretrained import hf_directory
+  """A Hugging Face directory that is not also one of ours (our model.json wins)."""
+  return (not os.path.exists(os.path.join(directory, MODEL_JSON))
+          and hf_directory.is_hf_directory(directory))
 
-  return hf_directory.is_hf_directory(directory)
+
+def _load_hf(directory: str) -> Checkpoint:
+  """A Hugging Face directory as a `Checkpoint`: model + tokenizer.json, step 0, no training
+  run (`experiment` None)."""
+  local = hf_directory.resolve(directory)
+  return Checkpoint(model=hf_directory.load_hf_checkpoint(local),
+                    tokenizer=hf_directory.load_hf_tokenizer(local), step=0, metrics={},
+                    experiment=None, path=os.path.abspath(local))
 
 
 def load_checkpoint(directory: str) -> Checkpoint:
@@ -225,10 +195,8 @@ def load_checkpoint(directory: str) -> Checkpoint:
   with `pretrained.load_hf_checkpoint` (step 0, no experiment config), so every binary's
   --checkpoint takes one.
   """
-  if not os.path.exists(os.path.join(directory, MODEL_JSON)) and _is_hf(directory):
-    from deepexit_jax.pretrained import hf_directory
-
-    return hf_directory.load_hf_as_checkpoint(directory)
+  if _is_hf(directory):
+    return _load_hf(directory)
   config = read_model_config(directory)
   best_dir = os.path.join(directory, BEST)
   if not os.path.isdir(best_dir):

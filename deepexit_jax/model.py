@@ -619,6 +619,16 @@ def create_model(config: ModelConfig, seed: int = 0) -> DeepSupervisionTransform
   return DeepSupervisionTransformer(config, rngs=nnx.Rngs(params=seed))
 
 
+def pure_params(model: nnx.Module) -> dict:
+  """The model's parameters as a plain nested dict of arrays (what orbax stores)."""
+  return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def abstract_model(config: ModelConfig) -> DeepSupervisionTransformer:
+  """The model's structure with shape-only parameters (no initialisation cost)."""
+  return nnx.eval_shape(lambda: create_model(config))
+
+
 @nnx.jit(static_argnames=("use_scan",))
 def all_layer_logits(model: DeepSupervisionTransformer, tokens: Array,
                      use_scan: bool = True) -> Array:

@@ -8,7 +8,6 @@
 from deepexit_jax.pretrained.architectures import ARCHITECTURES, DEFAULT_MAX_LEN
 from deepexit_jax.pretrained.hf_directory import (
     is_hf_directory,
-    load_hf_as_checkpoint,
     load_hf_checkpoint,
     load_hf_tokenizer,
     save_hf_checkpoint,
@@ -18,7 +17,6 @@ __all__ = [
     "ARCHITECTURES",
     "DEFAULT_MAX_LEN",
     "is_hf_directory",
-    "load_hf_as_checkpoint",
     "load_hf_checkpoint",
     "load_hf_tokenizer",
     "save_hf_checkpoint",

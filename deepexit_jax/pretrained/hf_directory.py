@@ -23,9 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepexit_jax import checkpoint, tokenizers
+from deepexit_jax import tokenizers
 from deepexit_jax.errors import UserError
-from deepexit_jax.model import COMPUTE_DTYPES, DeepSupervisionTransformer
+from deepexit_jax.files import ensure_writable, read_json, write_json
+from deepexit_jax.model import (
+  COMPUTE_DTYPES,
+  DeepSupervisionTransformer,
+  abstract_model,
+  pure_params,
+)
 from deepexit_jax.pretrained import architectures
 
 CONFIG_JSON = "config.json"
@@ -35,9 +41,9 @@ TOKENIZER_JSON = "tokenizer.json"
 
 
 def is_hf_directory(path: str) -> bool:
-  """True for a local directory with a Hugging Face config.json and no deepexit model.json."""
+  """True for a local directory with a Hugging Face config.json and safetensors weights
+  (`checkpoint.load_checkpoint` prefers our model.json where a directory has both)."""
   return (os.path.isfile(os.path.join(path, CONFIG_JSON))
-          and not os.path.exists(os.path.join(path, checkpoint.MODEL_JSON))
           and (os.path.exists(os.path.join(path, WEIGHTS))
                or os.path.exists(os.path.join(path, WEIGHTS_INDEX))))
 
@@ -71,7 +77,7 @@ def read_config(directory: str) -> dict[str, Any]:
     raise UserError(f"{directory} has no {CONFIG_JSON}: pass a Hugging Face checkpoint "
                     "directory (config.json + model.safetensors)")
   try:
-    return checkpoint.read_json(path)
+    return read_json(path)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UserError(f"{path} is not valid JSON ({e})") from None
 
@@ -85,7 +91,7 @@ class _Tensors:
     self._open, self._handles, self._dir = safe_open, {}, directory
     index = os.path.join(directory, WEIGHTS_INDEX)
     if os.path.exists(index):
-      self.files = dict(checkpoint.read_json(index)["weight_map"])
+      self.files = dict(read_json(index)["weight_map"])
     elif os.path.exists(os.path.join(directory, WEIGHTS)):
       with safe_open(os.path.join(directory, WEIGHTS), framework="np") as f:
         self.files = {name: WEIGHTS for name in f.keys()}
@@ -197,7 +203,7 @@ def load_hf_checkpoint(path: str, *, dtype: Any = None, param_dtype: Any = None,
   arch = architectures.architecture_of(hf, where)
   if mesh is not None and model_axis not in mesh.shape:
     raise UserError(f"model_axis={model_axis!r} is not an axis of the mesh {dict(mesh.shape)}")
-  abstract = checkpoint.abstract_model(config)
+  abstract = abstract_model(config)
   graphdef, state = nnx.split(abstract)
   targets = state.to_pure_dict()
   with contextlib.ExitStack() as stack:
@@ -245,15 +251,6 @@ def load_hf_tokenizer(path: str) -> tokenizers.BPETokenizer | None:
     raise UserError(f"{file} is not a tokenizers JSON file ({str(e)[:80]})") from None
 
 
-def load_hf_as_checkpoint(path: str, **kwargs: Any) -> checkpoint.Checkpoint:
-  """A Hugging Face directory as a `checkpoint.Checkpoint` (model + tokenizer; step 0, no
-  training run): what `checkpoint.load_checkpoint` returns for such a directory."""
-  directory = resolve(path)
-  return checkpoint.Checkpoint(
-      model=load_hf_checkpoint(directory, **kwargs), tokenizer=load_hf_tokenizer(directory),
-      step=0, metrics={}, experiment=None, path=os.path.abspath(directory))
-
-
 def save_hf_checkpoint(model: DeepSupervisionTransformer, path: str, *,
                        tokenizer: tokenizers.Tokenizer | None = None) -> str:
   """Exports a model to a Hugging Face directory (config.json + model.safetensors, float32)
@@ -274,7 +271,7 @@ def save_hf_checkpoint(model: DeepSupervisionTransformer, path: str, *,
   hf = architectures.hf_config(config)
   arch = hf["architectures"][0]
   specs = architectures.tensor_specs(arch, config)
-  params = checkpoint.pure_params(model)
+  params = pure_params(model)
   tensors: dict[str, np.ndarray] = {}
   for leaf_path, spec in specs.items():
     value = params
@@ -285,9 +282,9 @@ def save_hf_checkpoint(model: DeepSupervisionTransformer, path: str, *,
       parts = spec.split(value[i] if spec.layered else value)
       for name, part in zip(spec.names, parts):
         tensors[name.format(i=i)] = np.ascontiguousarray(part)
-  checkpoint.ensure_writable(path)
+  ensure_writable(path)
   save_file(tensors, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
-  checkpoint.write_json(os.path.join(path, CONFIG_JSON), hf)
+  write_json(os.path.join(path, CONFIG_JSON), hf)
   if isinstance(tokenizer, tokenizers.BPETokenizer):
     with open(os.path.join(path, TOKENIZER_JSON), "w", encoding="utf-8") as f:
       f.write(tokenizer.to_json()["tokenizer"])
