@@ -33,7 +33,7 @@ from deepexit_jax import cli, report, sweep
 from deepexit_jax.checkpoint import read_json
 from deepexit_jax.config import ExperimentConfig, load_config_file
 from deepexit_jax.sweep import SweepRow, pareto_front
-from deepexit_jax.train import read_eval_records, train
+from deepexit_jax.train import read_eval_records
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -95,14 +95,7 @@ class Run:
     return ExperimentConfig.from_dict(c)
 
   def finished(self) -> bool:
-    try:
-      recs = read_eval_records(self.workdir())
-    except OSError:
-      return False
-    if not recs:
-      return False
-    steps_per_epoch = round(recs[-1]["step"] / recs[-1]["epoch"])
-    return recs[-1]["step"] == (_MAX_STEPS.value or self.epochs * steps_per_epoch)
+    return common.finished(self.config(), self.workdir())
 
 
 def _ensure(run: Run, timing: dict[str, float]) -> bool:
@@ -112,7 +105,7 @@ def _ensure(run: Run, timing: dict[str, float]) -> bool:
   logging.info("training %s (seed %d, %d epochs) into %s", run.label, run.seed, run.epochs,
                run.workdir())
   t0 = time.perf_counter()
-  train(run.config(), run.workdir(), resume=True)
+  common.ensure_trained(run.config(), run.workdir())
   timing[run.workdir()] = timing.get(run.workdir(), 0.0) + time.perf_counter() - t0
   return True
 

@@ -20,7 +20,6 @@ Flags: --workdir (default runs/saturation_probe), --tokens (default 65536),
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import statistics
@@ -37,6 +36,7 @@ import common  # noqa: E402
 from deepexit_jax import cli, probes, report, sweep  # noqa: E402
 from deepexit_jax.checkpoint import read_json  # noqa: E402
 from deepexit_jax.config import ExperimentConfig, load_config_file  # noqa: E402
+from deepexit_jax.train import read_eval_records  # noqa: E402
 
 CONFIG = os.path.join(HERE, "..", "configs", "probe.py")
 STATIC_CONFIG = os.path.join(HERE, "..", "configs", "probe_static.py")
@@ -51,12 +51,6 @@ EXIT_SETS = {"every layer": (1, 2, 3, 4, 5, 6, 7), "layers 2,4,6": (2, 4, 6)}
 
 def _pct(x: float | None, digits: int = 1) -> str:
   return "n/a" if x is None else f"{100 * x:.{digits}f}"
-
-
-def _eval_records(wd: str) -> list[dict]:
-  with open(os.path.join(wd, "metrics.jsonl")) as f:
-    recs = [json.loads(line) for line in f if '"kind": "eval"' in line]
-  return list({r["step"]: r for r in recs}.values())
 
 
 def main(argv):
@@ -269,7 +263,7 @@ def write_results(study: probes.ProbeStudy, sweeps: dict[str, dict[str, sweep.Sw
   ref = read_json(os.path.join(HERE, "reference_table.json"))
   exp = read_json(os.path.join(model_dir, "config.json"))
   meta, an = study.metadata, study.analyses
-  evals = _eval_records(model_dir)
+  evals = read_eval_records(model_dir)
   summ = {(s["label"], s["predictor"]): s for s in study.summary}
   change = [t["change_rate"] for t in an["transitions"]]
   ref_change = [t["change_rate"] for t in ref["transitions"]]

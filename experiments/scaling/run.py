@@ -26,7 +26,7 @@ from deepexit_jax import cli, report, sweep
 from deepexit_jax.checkpoint import load_checkpoint
 from deepexit_jax.config import ExperimentConfig, load_config_file
 from deepexit_jax.model import count_params
-from deepexit_jax.train import read_eval_records, train
+from deepexit_jax.train import read_eval_records
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -60,7 +60,7 @@ def main(argv):
   for name, (cfg_name, arg, sub) in RUNS.items():
     dirs[name] = os.path.join(_WORKDIR.value, sub)
     logging.info("training %s into %s", name, dirs[name])
-    train(_experiment(cfg_name, arg, epochs), dirs[name], resume=True)
+    common.ensure_trained(_experiment(cfg_name, arg, epochs), dirs[name])
   results = {}
   for size in ("wide", "small"):
     results[size] = sweep.run_sweep(
